@@ -1,0 +1,1 @@
+"""Pure PyTorch encoders. This package imports neither spaCy nor Thinc."""

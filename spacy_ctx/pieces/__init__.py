@@ -1,0 +1,1 @@
+"""Turning spaCy tokens into encoder inputs (word pieces, characters) with the alignment."""
