@@ -1,0 +1,149 @@
+"""The Thinc layer that runs an encoder backend: ``Model[List[Doc], List[CtxOutput]]``.
+
+The backend (a ``torch.nn.Module``) lives in a ``PyTorchShim`` so Thinc optimizers,
+``finish_update`` and device moves reach its parameters. Weights are loaded when
+the model is initialized or, failing that, on first use, never at construction:
+a pipeline built from a config does no I/O until it needs to.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import srsly
+import torch
+from spacy.tokens import Doc
+from thinc.api import Model, PyTorchShim
+from thinc.backends import CupyOps
+
+from ..backends import CtxOutput, EncoderBackend, load_backend
+from ..errors import ConfigError
+
+BackendLoader = Callable[[], EncoderBackend]
+CtxEncoderModel = Model[List[Doc], List[CtxOutput]]
+
+
+def build_ctx_encoder(
+    loader: BackendLoader, *, device: Optional[str] = None, max_batch_tokens: int = 4096
+) -> CtxEncoderModel:
+    """Wrap a lazily loaded backend as a Thinc model.
+
+    device: torch device for the encoder (``"cuda:0"``...); None follows the
+    Thinc ops (CUDA when spaCy's GPU is active, else CPU).
+    """
+    if device is not None:
+        try:
+            torch.device(device)
+        except RuntimeError as err:
+            raise ConfigError(f"device={device!r} is not a torch device name ({err}).") from err
+    return Model(
+        "ctx_encoder",
+        forward,
+        init=init,
+        attrs={
+            "loader": loader,
+            "device": device,
+            "max_batch_tokens": max_batch_tokens,
+            # Layer indices to return; None = all. Set by the component per call.
+            "keep_layers": None,
+            # When False, training runs without autograd (a frozen encoder).
+            "trainable": True,
+        },
+    )
+
+
+def get_backend(model: CtxEncoderModel) -> Optional[EncoderBackend]:
+    """The loaded backend, or None before loading."""
+    return model.shims[0]._model if model.shims else None
+
+
+def ensure_backend(model: CtxEncoderModel) -> EncoderBackend:
+    """Return the backend, loading the weights named in the config if needed."""
+    backend = get_backend(model)
+    if backend is None:
+        set_backend(model, model.attrs["loader"]())
+        backend = get_backend(model)
+    return backend  # type: ignore[return-value]
+
+
+def set_backend(model: CtxEncoderModel, backend: EncoderBackend) -> None:
+    """Install a backend, on the configured device, in place of any previous one."""
+    backend.eval()
+    shim = PyTorchShim(
+        backend,
+        device=_torch_device(model),
+        serialize_model=_serialize_backend,
+        deserialize_model=_deserialize_backend,
+    )
+    model.shims.clear()
+    model.shims.append(shim)
+
+
+def _torch_device(model: CtxEncoderModel) -> torch.device:
+    if model.attrs["device"] is not None:
+        return torch.device(model.attrs["device"])
+    if isinstance(model.ops, CupyOps):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init(model: CtxEncoderModel, X: Optional[List[Doc]] = None, Y=None) -> None:
+    ensure_backend(model)
+
+
+def forward(
+    model: CtxEncoderModel, docs: List[Doc], is_train: bool
+) -> Tuple[List[CtxOutput], Callable]:
+    backend = ensure_backend(model)
+    track_grads = is_train and model.attrs["trainable"]
+    backend.train(track_grads)
+    # inference_mode is the cheapest at prediction time; frozen training uses no_grad
+    # because inference tensors could not later take part in a listener's autograd graph.
+    grad_context = (
+        torch.enable_grad() if track_grads else torch.no_grad() if is_train else torch.inference_mode()
+    )
+    with grad_context:
+        outputs = backend.encode_docs(
+            docs,
+            max_batch_tokens=model.attrs["max_batch_tokens"],
+            keep_layers=model.attrs["keep_layers"],
+        )
+
+    def backprop(d_outputs: Sequence[torch.Tensor]) -> List[Doc]:
+        if track_grads:
+            pairs = [(o.layers, d) for o, d in zip(outputs, d_outputs) if d is not None]
+            if pairs:
+                torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
+        return []
+
+    return outputs, backprop
+
+
+def _serialize_backend(backend: EncoderBackend) -> bytes:
+    """All backend files in one msgpack blob (used by Model.to_bytes and copies)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        backend.save(tmp)
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    return srsly.msgpack_dumps(files)
+
+
+def _deserialize_backend(_old, data: bytes, device: torch.device) -> EncoderBackend:
+    files = srsly.msgpack_loads(data)
+    tmp = tempfile.mkdtemp()
+    try:
+        for name, content in files.items():
+            (Path(tmp) / name).write_bytes(content)
+        return load_backend(tmp).to(device)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def backend_to_bytes(backend: EncoderBackend) -> bytes:
+    return _serialize_backend(backend)
+
+
+def backend_from_bytes(data: bytes) -> EncoderBackend:
+    return _deserialize_backend(None, data, torch.device("cpu"))

@@ -1,0 +1,5 @@
+"""spaCy components."""
+
+from .component import ContextualEncoder
+
+__all__ = ["ContextualEncoder"]

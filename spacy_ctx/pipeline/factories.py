@@ -1,0 +1,61 @@
+"""Registered component factories: ``ctx_bert`` (and ``ctx_elmo``)."""
+
+from __future__ import annotations
+
+from spacy.language import Language
+from thinc.api import Model
+
+from .component import ContextualEncoder
+
+DEFAULT_BERT_MODEL = {
+    "@architectures": "spacy_ctx.BertEncoder.v1",
+    "name": "sentence-transformers/all-MiniLM-L6-v2",
+    "window": None,
+    "stride": None,
+    "overlap": "best",
+    "device": None,
+    "mixed_precision": None,
+}
+
+
+@Language.factory(
+    "ctx_bert",
+    default_config={
+        "model": DEFAULT_BERT_MODEL,
+        "frozen": False,
+        "store": "last",
+        "store_dtype": "float32",
+        "vector_hooks": True,
+        "max_batch_tokens": 4096,
+    },
+)
+def make_ctx_bert(
+    nlp: Language,
+    name: str,
+    model: Model,
+    frozen: bool,
+    store: str,
+    store_dtype: str,
+    vector_hooks: bool,
+    max_batch_tokens: int,
+) -> ContextualEncoder:
+    """A BERT-family encoder whose layers, pooled to tokens, land on ``doc._.ctx``.
+
+    model: a ``spacy_ctx.BertEncoder.v1`` block (checkpoint ``name``, windowing,
+        device, mixed precision). frozen: no gradients into the encoder.
+    store: ``"none"``, ``"last"`` or ``"all"`` layers kept on the Doc.
+    store_dtype: ``"float32"`` or ``"float16"`` for the stored arrays.
+    vector_hooks: make ``.vector``/``.similarity()`` use the contextual vectors.
+    max_batch_tokens: padded pieces per encoder batch at inference.
+    """
+    return ContextualEncoder(
+        nlp.vocab,
+        model,
+        name,
+        frozen=frozen,
+        store=store,
+        store_dtype=store_dtype,
+        vector_hooks=vector_hooks,
+        max_batch_tokens=max_batch_tokens,
+        vector_mode="last",
+    )
