@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional
 
 from spacy.tokens import Doc
@@ -42,6 +43,45 @@ def build_bert_encoder(
             window=window,
             stride=stride,
             overlap=overlap,
+            mixed_precision=mixed_precision,
+        )
+
+    return build_ctx_encoder(load, device=device)
+
+
+def build_elmo_encoder(
+    *,
+    name: Optional[str] = "elmo-original",
+    options: Optional[str] = None,
+    weights: Optional[str] = None,
+    chunk_size: int = 100,
+    cache_size: int = 50_000,
+    device: Optional[str] = None,
+    mixed_precision: Optional[str] = None,
+) -> Model[List[Doc], List[CtxOutput]]:
+    """``spacy_ctx.ElmoEncoder.v1``: an ELMo biLM, loaded on initialize/first use.
+
+    options, weights: AllenNLP ``options.json`` and ``weights.hdf5`` paths (they win).
+    name: without paths, a published model (``elmo-original``, ``elmo-medium``,
+        ``elmo-small``, ``elmo-original-5.5B``) downloaded once when online.
+    chunk_size: tokens per chunk when a Doc has no sentence boundaries (and the
+        longest piece of a sentence the model sees at once).
+    cache_size: words whose context-independent embeddings are cached (LRU).
+    device: torch device; None = follow spaCy's ops. mixed_precision: None/bf16/fp16.
+    """
+
+    def load():
+        from .backends.elmo import ElmoBackend
+        from .encoders.elmo_checkpoint import load_elmo
+        from .loaders import resolve_elmo_files
+
+        options_path, weights_path = resolve_elmo_files(name, options, weights)
+        label = name if options is None else str(Path(weights_path).name)
+        return ElmoBackend(
+            load_elmo(options_path, weights_path),
+            name=label,
+            chunk_size=chunk_size,
+            cache_size=cache_size,
             mixed_precision=mixed_precision,
         )
 

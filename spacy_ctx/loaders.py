@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Tuple, Union
 
 from .errors import CheckpointError
 
@@ -69,3 +69,78 @@ def download_from_hub(repo_id: str) -> Path:
             "work: pass the path of a downloaded checkpoint directory instead."
         ) from err
     raise CheckpointError(f"hub model '{repo_id}' has no model.safetensors or pytorch_model.bin.")
+
+
+# The published AllenNLP ELMo models (public download addresses).
+_ELMO_BASE = "https://allennlp.s3.amazonaws.com/models/elmo"
+ELMO_MODELS = {
+    "elmo-original": "2x4096_512_2048cnn_2xhighway/elmo_2x4096_512_2048cnn_2xhighway",
+    "elmo-original-5.5B": "2x4096_512_2048cnn_2xhighway_5.5B/elmo_2x4096_512_2048cnn_2xhighway_5.5B",
+    "elmo-medium": "2x2048_256_2048cnn_1xhighway/elmo_2x2048_256_2048cnn_1xhighway",
+    "elmo-small": "2x1024_128_2048cnn_1xhighway/elmo_2x1024_128_2048cnn_1xhighway",
+}
+
+
+def elmo_cache_dir() -> Path:
+    import os
+
+    root = os.environ.get("SPACY_CTX_CACHE") or Path.home() / ".cache" / "spacy_ctx"
+    return Path(root) / "elmo"
+
+
+def resolve_elmo_files(
+    name: Optional[str], options: Optional[Union[str, Path]], weights: Optional[Union[str, Path]]
+) -> Tuple[Path, Path]:
+    """Local ``options.json`` and ``weights.hdf5`` paths for an ELMo model.
+
+    Explicit ``options``/``weights`` paths win. Otherwise ``name`` must be one of
+    :data:`ELMO_MODELS`, downloaded once to the cache (``SPACY_CTX_CACHE``), which
+    needs a network connection the first time.
+    """
+    if options is not None or weights is not None:
+        if options is None or weights is None:
+            raise CheckpointError(
+                "ELMo needs both model.options (options.json) and model.weights (weights.hdf5)."
+            )
+        options, weights = Path(options).expanduser(), Path(weights).expanduser()
+        for path, what in ((options, "options file"), (weights, "weights file")):
+            if not path.is_file():
+                raise CheckpointError(f"{path}: ELMo {what} not found.")
+        return options, weights
+    if name not in ELMO_MODELS:
+        raise CheckpointError(
+            f"Unknown ELMo model name {name!r}: give model.options and model.weights paths, "
+            f"or one of {sorted(ELMO_MODELS)}."
+        )
+    stem = ELMO_MODELS[name]
+    target = elmo_cache_dir() / name
+    paths = []
+    for suffix in ("_options.json", "_weights.hdf5"):
+        local = target / (Path(stem).name + suffix)
+        if not local.is_file():
+            _download(f"{_ELMO_BASE}/{stem}{suffix}", local)
+        paths.append(local)
+    return paths[0], paths[1]
+
+
+def _download(url: str, destination: Path) -> None:
+    import urllib.request
+
+    from tqdm import tqdm
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_suffix(destination.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, partial.open("wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"Could not download {url} ({err}). Offline, ELMo works only from local files: "
+            "set model.options and model.weights to an options.json and weights.hdf5."
+        ) from err
+    partial.replace(destination)

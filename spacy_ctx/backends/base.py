@@ -112,6 +112,9 @@ class EncoderBackend(nn.Module):
         """JSON-serialisable settings saved beside the weights."""
         return {"name": self.name, "mixed_precision": self.mixed_precision}
 
+    def weights_changed(self) -> None:
+        """Called after an optimizer step; drop anything derived from the old weights."""
+
     def save_files(self, path: Path) -> None:
         raise NotImplementedError
 

@@ -160,6 +160,7 @@ class ContextualEncoder(TrainablePipe):
     def finish_update(self, sgd: Optimizer) -> None:
         if not self.cfg["frozen"]:
             self.model.finish_update(sgd)
+            ensure_backend(self.model).weights_changed()
 
     # -- serialization ------------------------------------------------------------------
     def to_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = tuple()) -> None:

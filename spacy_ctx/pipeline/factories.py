@@ -59,3 +59,54 @@ def make_ctx_bert(
         max_batch_tokens=max_batch_tokens,
         vector_mode="last",
     )
+
+
+DEFAULT_ELMO_MODEL = {
+    "@architectures": "spacy_ctx.ElmoEncoder.v1",
+    "name": "elmo-original",
+    "options": None,
+    "weights": None,
+    "chunk_size": 100,
+    "cache_size": 50000,
+    "device": None,
+    "mixed_precision": None,
+}
+
+
+@Language.factory(
+    "ctx_elmo",
+    default_config={
+        "model": DEFAULT_ELMO_MODEL,
+        "frozen": True,
+        "store": "all",
+        "store_dtype": "float32",
+        "vector_hooks": True,
+        "max_batch_tokens": 4096,
+    },
+)
+def make_ctx_elmo(
+    nlp: Language,
+    name: str,
+    model: Model,
+    frozen: bool,
+    store: str,
+    store_dtype: str,
+    vector_hooks: bool,
+    max_batch_tokens: int,
+) -> ContextualEncoder:
+    """An ELMo biLM whose three layers (token, lstm_1, lstm_2) land on ``doc._.ctx``.
+
+    Same settings as ``ctx_bert``; frozen by default. Token vectors are the average
+    of the stored layers. max_batch_tokens counts padded tokens per batch.
+    """
+    return ContextualEncoder(
+        nlp.vocab,
+        model,
+        name,
+        frozen=frozen,
+        store=store,
+        store_dtype=store_dtype,
+        vector_hooks=vector_hooks,
+        max_batch_tokens=max_batch_tokens,
+        vector_mode="mean",
+    )
