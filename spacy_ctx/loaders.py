@@ -100,7 +100,8 @@ def resolve_elmo_files(
     if options is not None or weights is not None:
         if options is None or weights is None:
             raise CheckpointError(
-                "ELMo needs both model.options (options.json) and model.weights (weights.hdf5)."
+                "ELMo needs both model.options (options.json) and model.weights (weights.hdf5); "
+                f"got options={options!r}, weights={weights!r}."
             )
         options, weights = Path(options).expanduser(), Path(weights).expanduser()
         for path, what in ((options, "options file"), (weights, "weights file")):
@@ -124,6 +125,7 @@ def resolve_elmo_files(
 
 
 def _download(url: str, destination: Path) -> None:
+    import http.client
     import urllib.request
 
     from tqdm import tqdm
@@ -137,7 +139,9 @@ def _download(url: str, destination: Path) -> None:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
-    except OSError as err:
+        if total is not None and partial.stat().st_size != total:
+            raise OSError(f"got {partial.stat().st_size} of {total} bytes")
+    except (OSError, http.client.HTTPException) as err:
         partial.unlink(missing_ok=True)
         raise CheckpointError(
             f"Could not download {url} ({err}). Offline, ELMo works only from local files: "
