@@ -6,10 +6,13 @@ from pathlib import Path
 from typing import List, Optional
 
 from spacy.tokens import Doc
-from thinc.api import Model
+from thinc.api import Model, Ragged, reduce_mean
+from thinc.types import Floats2d
 
 from .backends import CtxOutput
 from .layers.encoder import build_ctx_encoder
+from .layers.listeners import build_head, build_listener, build_standalone
+from .layers.scalar_mix import ScalarMix
 
 
 def build_bert_encoder(
@@ -86,3 +89,58 @@ def build_elmo_encoder(
         )
 
     return build_ctx_encoder(load, device=device)
+
+
+def _pooling_or_default(pooling: Optional[Model[Ragged, Floats2d]]) -> Model[Ragged, Floats2d]:
+    return reduce_mean() if pooling is None else pooling
+
+
+def build_last_layer_listener(
+    *,
+    upstream: str = "*",
+    grad_factor: float = 1.0,
+    pooling: Optional[Model[Ragged, Floats2d]] = None,
+) -> Model[List[Doc], List[Floats2d]]:
+    """``spacy_ctx.LastLayerListener.v1``: the encoder's last layer, pooled to tokens.
+
+    upstream: name of the ctx_bert/ctx_elmo component, or ``"*"`` for any.
+    grad_factor: scale of the gradient sent into the encoder (0: none, and no
+        autograd graph is built through the encoder).
+    pooling: a Thinc reduce layer over each token's pieces (``reduce_mean.v1``
+        default; ``reduce_first.v1``, ``reduce_last.v1``, ``reduce_max.v1`` too).
+    Returns one (n_tokens, width) array per Doc.
+    """
+    head = build_head(_pooling_or_default(pooling), None)
+    return build_listener(head, upstream=upstream, grad_factor=grad_factor)
+
+
+def build_scalar_mix_listener(
+    *,
+    n_layers: int,
+    upstream: str = "*",
+    grad_factor: float = 1.0,
+    pooling: Optional[Model[Ragged, Floats2d]] = None,
+    layer_norm: bool = False,
+    layer_dropout: float = 0.0,
+) -> Model[List[Doc], List[Floats2d]]:
+    """``spacy_ctx.ScalarMixListener.v1``: ``gamma * sum_k softmax(s)_k * h_k`` over all layers.
+
+    n_layers: layers the encoder returns (BERT: hidden layers + 1; ELMo: 3).
+    upstream, grad_factor, pooling: as for ``LastLayerListener.v1``.
+    layer_norm: normalise each layer (per Doc) before mixing.
+    layer_dropout: probability of dropping a layer from the mix in training.
+    """
+    mix = ScalarMix(n_layers, layer_norm=layer_norm, layer_dropout=layer_dropout)
+    head = build_head(_pooling_or_default(pooling), mix)
+    return build_listener(head, upstream=upstream, grad_factor=grad_factor)
+
+
+def build_standalone_encoder(
+    *, encoder: Model[List[Doc], List[CtxOutput]], listener: Model[List[Doc], List[Floats2d]]
+) -> Model[List[Doc], List[Floats2d]]:
+    """``spacy_ctx.StandaloneEncoder.v1``: an encoder with a listener's head, as one model.
+
+    Written into configs by ``nlp.replace_listeners``; the component then owns its
+    own copy of the encoder.
+    """
+    return build_standalone(encoder, listener.layers[0])

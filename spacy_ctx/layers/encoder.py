@@ -1,9 +1,11 @@
 """The Thinc layer that runs an encoder backend: ``Model[List[Doc], List[CtxOutput]]``.
 
 The backend (a ``torch.nn.Module``) lives in a ``PyTorchShim`` so Thinc optimizers,
-``finish_update`` and device moves reach its parameters. Weights are loaded when
-the model is initialized or, failing that, on first use, never at construction:
-a pipeline built from a config does no I/O until it needs to.
+``finish_update``, device moves and ``Model.to_bytes`` reach it. Weights are
+loaded when the model is initialized or, failing that, on first use, never at
+construction: a pipeline built from a config does no I/O until it needs to. The
+shim exists from the start (empty until loading), because Thinc deserializes
+shims into an existing structure.
 """
 
 from __future__ import annotations
@@ -11,19 +13,33 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import srsly
 import torch
 from spacy.tokens import Doc
-from thinc.api import Model, PyTorchShim
+from thinc.api import Model, PyTorchGradScaler, PyTorchShim
 from thinc.backends import CupyOps
+from thinc.util import xp2torch
 
 from ..backends import CtxOutput, EncoderBackend, load_backend
 from ..errors import ConfigError
 
 BackendLoader = Callable[[], EncoderBackend]
 CtxEncoderModel = Model[List[Doc], List[CtxOutput]]
+
+
+class BackendShim(PyTorchShim):
+    """A PyTorchShim whose module may not be loaded yet (``_model is None``)."""
+
+    def to_device(self, device_type: str, device_id: int) -> None:
+        if self._model is not None:
+            super().to_device(device_type, device_id)
+
+    def to_bytes(self) -> bytes:
+        if self._model is None:  # still lazy: the config names what to load
+            return srsly.msgpack_dumps({"config": self.cfg, "state": b""})
+        return super().to_bytes()
 
 
 def build_ctx_encoder(
@@ -39,12 +55,19 @@ def build_ctx_encoder(
             torch.device(device)
         except RuntimeError as err:
             raise ConfigError(f"device={device!r} is not a torch device name ({err}).") from err
+    shim = BackendShim(
+        None,
+        device=torch.device("cpu"),
+        serialize_model=_serialize_backend,
+        deserialize_model=_deserialize_backend,
+    )
     return Model(
         "ctx_encoder",
         forward,
         init=init,
+        shims=[shim],
         attrs={
-            "loader": loader,
+            "loader": loader,  # a function: Thinc skips it when serializing
             "device": device,
             "max_batch_tokens": max_batch_tokens,
             # Layer indices to return; None = all. Set by the component per call.
@@ -57,7 +80,7 @@ def build_ctx_encoder(
 
 def get_backend(model: CtxEncoderModel) -> Optional[EncoderBackend]:
     """The loaded backend, or None before loading."""
-    return model.shims[0]._model if model.shims else None
+    return model.shims[0]._model
 
 
 def ensure_backend(model: CtxEncoderModel) -> EncoderBackend:
@@ -66,20 +89,28 @@ def ensure_backend(model: CtxEncoderModel) -> EncoderBackend:
     if backend is None:
         set_backend(model, model.attrs["loader"]())
         backend = get_backend(model)
+    else:
+        _follow_device(model, backend)
     return backend  # type: ignore[return-value]
 
 
 def set_backend(model: CtxEncoderModel, backend: EncoderBackend) -> None:
     """Install a backend, on the configured device, in place of any previous one."""
     backend.eval()
-    shim = PyTorchShim(
-        backend,
-        device=_torch_device(model),
-        serialize_model=_serialize_backend,
-        deserialize_model=_deserialize_backend,
-    )
-    model.shims.clear()
-    model.shims.append(shim)
+    shim: PyTorchShim = model.shims[0]
+    device = _torch_device(model)
+    shim._model = backend.to(device)
+    # Loss scaling keeps small fp16 gradients from underflowing; bf16 does not need it.
+    use_scaler = backend.mixed_precision == "fp16" and device.type == "cuda"
+    shim._grad_scaler = PyTorchGradScaler(enabled=use_scaler)
+    shim._grad_scaler.to_(device)
+
+
+def _follow_device(model: CtxEncoderModel, backend: EncoderBackend) -> None:
+    # Deserialized backends arrive on Thinc's default device; honour the setting.
+    device = _torch_device(model)
+    if backend.device != device and backend.device.type != device.type:
+        set_backend(model, backend)
 
 
 def _torch_device(model: CtxEncoderModel) -> torch.device:
@@ -112,11 +143,23 @@ def forward(
             keep_layers=model.attrs["keep_layers"],
         )
 
-    def backprop(d_outputs: Sequence[torch.Tensor]) -> List[Doc]:
-        if track_grads:
-            pairs = [(o.layers, d) for o, d in zip(outputs, d_outputs) if d is not None]
-            if pairs:
-                torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
+    def backprop(d_outputs: Sequence[Any]) -> List[Doc]:
+        """Gradients per Doc, shaped like ``outputs[i].layers`` (torch, numpy or cupy)."""
+        if not track_grads:
+            return []
+        tensors, grads = [], []
+        for output, d in zip(outputs, d_outputs):
+            if d is None or not output.layers.requires_grad:
+                continue
+            if not isinstance(d, torch.Tensor):
+                d = xp2torch(d, device=output.layers.device)
+            tensors.append(output.layers)
+            grads.append(d.to(output.layers.device, output.layers.dtype))
+        if tensors:
+            scaler = model.shims[0]._grad_scaler  # active for fp16 on CUDA only
+            torch.autograd.backward(tensors, scaler.scale(grads) if scaler._enabled else grads)
+            if scaler._enabled:
+                scaler.unscale([p.grad for p in backend.parameters() if p.grad is not None])
         return []
 
     return outputs, backprop
@@ -130,7 +173,9 @@ def _serialize_backend(backend: EncoderBackend) -> bytes:
     return srsly.msgpack_dumps(files)
 
 
-def _deserialize_backend(_old, data: bytes, device: torch.device) -> EncoderBackend:
+def _deserialize_backend(_old, data: bytes, device: torch.device) -> Optional[EncoderBackend]:
+    if not data:
+        return None  # the model had not been loaded when it was saved
     files = srsly.msgpack_loads(data)
     tmp = tempfile.mkdtemp()
     try:

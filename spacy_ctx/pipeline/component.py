@@ -16,6 +16,8 @@ from spacy.util import ensure_path
 from spacy.vocab import Vocab
 from thinc.api import Model, Optimizer
 
+from spacy.training import validate_examples
+
 from ..backends import CtxOutput, load_backend
 from ..doc_data import CtxData, install_vector_hooks
 from ..errors import ConfigError
@@ -26,6 +28,8 @@ from ..layers.encoder import (
     get_backend,
     set_backend,
 )
+from ..layers.listeners import LAYERS_ALL, get_batch_id, is_listener
+from .feature_cache import FeatureCache, doc_key
 
 STORE_MODES = ("none", "last", "all")
 STORE_DTYPES = ("float32", "float16")
@@ -36,9 +40,11 @@ class ContextualEncoder(TrainablePipe):
     """Runs a contextual encoder over Docs and stores token-aligned layers on them.
 
     The model is a ``Model[List[Doc], List[CtxOutput]]`` built by a registered
-    architecture (``spacy_ctx.BertEncoder.v1``, ...). Downstream components can
-    attach listeners (``self.listeners``) that receive the encoder's outputs during
-    training.
+    architecture (``spacy_ctx.BertEncoder.v1``, ``spacy_ctx.ElmoEncoder.v1``).
+    Downstream components listen to it through ``spacy_ctx.LastLayerListener.v1``
+    or ``spacy_ctx.ScalarMixListener.v1``: each batch is encoded once, every
+    listener receives the outputs, and their gradients are summed before one
+    backward pass through the encoder (in :meth:`finish_update`).
     """
 
     def __init__(
@@ -53,6 +59,8 @@ class ContextualEncoder(TrainablePipe):
         vector_hooks: bool = True,
         max_batch_tokens: int = 4096,
         vector_mode: str = "last",
+        feature_cache_mb: float = 0.0,
+        optimizer: Optional[Optimizer] = None,
     ) -> None:
         if store not in STORE_MODES:
             raise ConfigError(f"[components.{name}] store must be one of {STORE_MODES}, got {store!r}")
@@ -67,6 +75,8 @@ class ContextualEncoder(TrainablePipe):
                 f"[components.{name}] vector_hooks=true needs stored vectors; set store to "
                 "'last' or 'all', or vector_hooks to false."
             )
+        if feature_cache_mb < 0:
+            raise ConfigError(f"[components.{name}] feature_cache_mb must be >= 0")
         self.vocab = vocab
         self.model = model
         self.name = name
@@ -78,11 +88,16 @@ class ContextualEncoder(TrainablePipe):
             "vector_hooks": bool(vector_hooks),
             "max_batch_tokens": int(max_batch_tokens),
             "vector_mode": vector_mode,
+            "feature_cache_mb": float(feature_cache_mb),
         }
+        self.optimizer = optimizer
+        self.feature_cache = FeatureCache(feature_cache_mb)
+        self._pending_backprop: Optional[Callable] = None
         model.attrs["max_batch_tokens"] = int(max_batch_tokens)
         model.attrs["trainable"] = not frozen
+        self._set_replace_listener_hooks()
 
-    # -- listeners (training with downstream components) --------------------------
+    # -- listeners -------------------------------------------------------------------------
     @property
     def listeners(self) -> List[Model]:
         return [m for c in self.listening_components for m in self.listener_map[c]]
@@ -95,6 +110,9 @@ class ContextualEncoder(TrainablePipe):
         self.listener_map.setdefault(component_name, [])
         if listener not in self.listener_map[component_name]:
             self.listener_map[component_name].append(listener)
+        listener.attrs["link"].component = self
+        if self.is_loaded:
+            listener.set_dim("nO", self.width, force=True)
 
     def remove_listener(self, listener: Model, component_name: str) -> bool:
         if listener in self.listener_map.get(component_name, []):
@@ -104,31 +122,108 @@ class ContextualEncoder(TrainablePipe):
             return True
         return False
 
-    # -- prediction --------------------------------------------------------------------
+    def find_listeners(self, component: Any) -> None:
+        """Register the ctx listeners inside ``component`` whose upstream is us or "*"."""
+        model = getattr(component, "model", None)
+        if not isinstance(model, Model):
+            return
+        for node in model.walk():
+            if is_listener(node) and node.attrs["upstream_name"] in ("*", self.name):
+                self.add_listener(node, component.name)
+
+    def _set_replace_listener_hooks(self) -> None:
+        """Tell ``nlp.replace_listeners`` how to make a listener standalone."""
+        from ..layers.listeners import build_standalone
+
+        def replace_listener(encoder_copy: Model, listener: Model, component: Any) -> Model:
+            return build_standalone(encoder_copy, listener.layers[0])
+
+        def replace_listener_cfg(encoder_cfg: Dict, listener_cfg: Dict) -> Dict:
+            return {
+                "@architectures": "spacy_ctx.StandaloneEncoder.v1",
+                "encoder": encoder_cfg,
+                "listener": listener_cfg,
+            }
+
+        self.model.attrs["replace_listener"] = replace_listener
+        self.model.attrs["replace_listener_cfg"] = replace_listener_cfg
+
+    # -- encoding ------------------------------------------------------------------------------
     @property
     def layer_names(self) -> List[str]:
         """Names of all encoder layers (loads the weights if needed)."""
         return ensure_backend(self.model).layer_names
 
-    def _stored_layers(self) -> Optional[List[int]]:
-        n_layers = len(self.layer_names)
-        store = self.cfg["store"]
-        if store == "all":
-            return None
-        return [n_layers - 1] if store == "last" else []
+    @property
+    def width(self) -> int:
+        """Width of every encoder layer (loads the weights if needed)."""
+        return ensure_backend(self.model).width
 
-    def predict(self, docs: Iterable[Doc]) -> List[CtxOutput]:
-        docs = list(docs)
-        keep = self._stored_layers()
-        if keep == []:
-            return [None] * len(docs)  # type: ignore[list-item]
+    def _keep_layers(self, *, for_store: bool, for_listeners: bool) -> Optional[List[int]]:
+        """Layer indices to compute (None = all), given who consumes them."""
+        last = [len(self.layer_names) - 1]
+        needs_all = (for_store and self.cfg["store"] == "all") or (
+            for_listeners
+            and any(l.attrs["layers_needed"] == LAYERS_ALL for l in self.listeners)
+        )
+        if needs_all:
+            return None
+        needed = (for_store and self.cfg["store"] == "last") or (for_listeners and self.listeners)
+        return last if needed else []
+
+    def _tracks_grads(self) -> bool:
+        return not self.cfg["frozen"] and any(l.attrs["grad_factor"] != 0 for l in self.listeners)
+
+    def _encode(self, docs: List[Doc], keep: Optional[List[int]], is_train: bool):
         self.model.attrs["keep_layers"] = keep
         try:
-            return self.model.predict(docs)
+            if is_train:
+                return self.model.begin_update(docs)
+            return self.model.predict(docs), None
         finally:
             self.model.attrs["keep_layers"] = None
 
-    def set_annotations(self, docs: Sequence[Doc], outputs: List[CtxOutput]) -> None:
+    def _encode_without_grads(self, docs: List[Doc], keep: Optional[List[int]]) -> List[CtxOutput]:
+        """Encode for training without autograd, through the feature cache."""
+        if not self.feature_cache.enabled:
+            self.model.attrs["trainable"] = False
+            try:
+                return self._encode(docs, keep, is_train=True)[0]
+            finally:
+                self.model.attrs["trainable"] = not self.cfg["frozen"]
+        device = ensure_backend(self.model).device
+        keys = [doc_key(doc, keep) for doc in docs]
+        outputs: List[Optional[CtxOutput]] = [self.feature_cache.get(k, device) for k in keys]
+        missing = [i for i, o in enumerate(outputs) if o is None]
+        if missing:
+            self.model.attrs["trainable"] = False
+            try:
+                fresh, _ = self._encode([docs[i] for i in missing], keep, is_train=True)
+            finally:
+                self.model.attrs["trainable"] = not self.cfg["frozen"]
+            for i, output in zip(missing, fresh):
+                outputs[i] = output
+                self.feature_cache.put(keys[i], output)
+        return outputs  # type: ignore[return-value]
+
+    def encode_for_listener(self, docs: List[Doc], layers_needed: str) -> List[CtxOutput]:
+        """Outputs for a listener that received none (initialization, frozen, ...)."""
+        keep = None if layers_needed == LAYERS_ALL else [len(self.layer_names) - 1]
+        return self._encode_without_grads(list(docs), keep)
+
+    def predict(self, docs: Iterable[Doc]) -> List[Optional[CtxOutput]]:
+        docs = list(docs)
+        keep = self._keep_layers(for_store=True, for_listeners=True)
+        if keep == []:
+            return [None] * len(docs)
+        outputs, _ = self._encode(docs, keep, is_train=False)
+        if self.listeners:  # downstream components reuse this pass
+            batch_id = get_batch_id(docs)
+            for listener in self.listeners:
+                listener.attrs["link"].receive(batch_id, outputs, None)
+        return outputs
+
+    def set_annotations(self, docs: Sequence[Doc], outputs: List[Optional[CtxOutput]]) -> None:
         if self.cfg["store"] == "none":
             return
         names = self.layer_names
@@ -136,9 +231,10 @@ class ContextualEncoder(TrainablePipe):
         dtype = np.dtype(self.cfg["store_dtype"])
         model_name = ensure_backend(self.model).name
         for doc, output in zip(docs, outputs):
-            pooled = output.pool("mean").float().cpu().numpy().astype(dtype, copy=False)
+            layers = output.layers if self.cfg["store"] == "all" else output.layers[-1:]
+            pooled = CtxOutput(layers, output.lengths).pool("mean")
             doc._.ctx = CtxData(
-                layers=pooled,
+                layers=pooled.float().cpu().numpy().astype(dtype, copy=False),
                 layer_names=list(stored_names),
                 model_name=model_name,
                 piece_counts=np.asarray(output.lengths, dtype=np.int32),
@@ -147,7 +243,7 @@ class ContextualEncoder(TrainablePipe):
             if self.cfg["vector_hooks"]:
                 install_vector_hooks(doc)
 
-    # -- training (listeners come in later issues; the hooks are here) ----------------
+    # -- training ---------------------------------------------------------------------------------
     def initialize(
         self,
         get_examples: Optional[Callable[[], Iterable[Example]]] = None,
@@ -156,11 +252,84 @@ class ContextualEncoder(TrainablePipe):
     ) -> None:
         """Load the encoder weights named in the config (no-op if already loaded)."""
         self.model.initialize()
+        for listener in self.listeners:
+            listener.set_dim("nO", self.width, force=True)
+
+    def update(
+        self,
+        examples: Iterable[Example],
+        *,
+        drop: float = 0.0,
+        sgd: Optional[Optimizer] = None,
+        losses: Optional[Dict[str, float]] = None,
+    ) -> Dict[str, float]:
+        """Encode the batch once and hand the outputs to every listener.
+
+        The listeners' gradients are summed, and one backward pass through the
+        encoder runs when the last of them has reported (or at the next update,
+        if a listening component was not updated). As with spaCy's Tok2Vec, the
+        optimizer applies them at the next :meth:`finish_update`; when ``sgd`` is
+        given here, it steps right after the backward pass instead.
+        """
+        if losses is None:
+            losses = {}
+        losses.setdefault(self.name, 0.0)
+        validate_examples(examples, "ContextualEncoder.update")
+        docs = [eg.predicted for eg in examples]
+        self._flush_gradients()
+        listeners = self.listeners
+        if not listeners:
+            return losses
+        keep = self._keep_layers(for_store=False, for_listeners=True)
+        if self._tracks_grads():
+            outputs, backprop = self._encode(docs, keep, is_train=True)
+        else:
+            outputs, backprop = self._encode_without_grads(docs, keep), None
+        batch_id = get_batch_id(docs)
+        if backprop is None:
+            for listener in listeners:
+                listener.attrs["link"].receive(batch_id, outputs, None)
+            return losses
+        accumulated: List[Any] = [None] * len(docs)
+        n_waiting = [len(listeners)]
+
+        def run_backward() -> None:
+            backprop(accumulated)
+
+        def receive_gradient(d_outputs: Optional[List[Any]]) -> None:
+            if d_outputs is not None:
+                for i, d in enumerate(d_outputs):
+                    accumulated[i] = d if accumulated[i] is None else accumulated[i] + d
+                    losses[self.name] += float((d**2).sum())
+            n_waiting[0] -= 1
+            if n_waiting[0] == 0:
+                self._flush_gradients()
+                if sgd is not None:
+                    self.finish_update(sgd)
+
+        self._pending_backprop = run_backward
+        for listener in listeners:
+            listener.attrs["link"].receive(batch_id, outputs, receive_gradient)
+        return losses
+
+    def _flush_gradients(self) -> None:
+        """Run the pending backward pass through the encoder, at most once per batch."""
+        pending, self._pending_backprop = self._pending_backprop, None
+        if pending is not None:
+            pending()
 
     def finish_update(self, sgd: Optimizer) -> None:
-        if not self.cfg["frozen"]:
-            self.model.finish_update(sgd)
-            ensure_backend(self.model).weights_changed()
+        """Apply the encoder gradients with ``sgd`` or the component's own optimizer."""
+        if self.cfg["frozen"] or not self.is_loaded:
+            return
+        optimizer = self.optimizer if self.optimizer is not None else sgd
+        self.model.finish_update(optimizer)
+        if self.optimizer is not None:
+            self.optimizer.step_schedules()
+        ensure_backend(self.model).weights_changed()
+
+    def get_loss(self, examples, scores):
+        raise NotImplementedError("The encoder has no loss of its own; listeners provide it.")
 
     # -- serialization ------------------------------------------------------------------
     def to_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = tuple()) -> None:
@@ -181,6 +350,7 @@ class ContextualEncoder(TrainablePipe):
     ) -> "ContextualEncoder":
         path = ensure_path(path)
         set_backend(self.model, load_backend(path / ENCODER_DIR))
+        self.feature_cache.clear()
         return self
 
     def to_bytes(self, *, exclude: Iterable[str] = tuple()) -> bytes:
@@ -189,6 +359,7 @@ class ContextualEncoder(TrainablePipe):
     def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = tuple()) -> "ContextualEncoder":
         data = srsly.msgpack_loads(bytes_data)
         set_backend(self.model, backend_from_bytes(data["encoder"]))
+        self.feature_cache.clear()
         return self
 
     @property

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from spacy.language import Language
-from thinc.api import Model
+from typing import Optional
+
+from thinc.api import Model, Optimizer
 
 from .component import ContextualEncoder
 
@@ -27,6 +29,8 @@ DEFAULT_BERT_MODEL = {
         "store_dtype": "float32",
         "vector_hooks": True,
         "max_batch_tokens": 4096,
+        "feature_cache_mb": 1024,
+        "optimizer": None,
     },
 )
 def make_ctx_bert(
@@ -38,6 +42,8 @@ def make_ctx_bert(
     store_dtype: str,
     vector_hooks: bool,
     max_batch_tokens: int,
+    feature_cache_mb: float,
+    optimizer: Optional[Optimizer],
 ) -> ContextualEncoder:
     """A BERT-family encoder whose layers, pooled to tokens, land on ``doc._.ctx``.
 
@@ -47,6 +53,10 @@ def make_ctx_bert(
     store_dtype: ``"float32"`` or ``"float16"`` for the stored arrays.
     vector_hooks: make ``.vector``/``.similarity()`` use the contextual vectors.
     max_batch_tokens: padded pieces per encoder batch at inference.
+    feature_cache_mb: memory for per-Doc outputs reused across epochs when the
+        encoder runs without gradients (frozen); 0 turns the cache off.
+    optimizer: an optimizer for the encoder weights only (e.g. a lower learning
+        rate than the task heads); None uses the training optimizer.
     """
     return ContextualEncoder(
         nlp.vocab,
@@ -57,6 +67,8 @@ def make_ctx_bert(
         store_dtype=store_dtype,
         vector_hooks=vector_hooks,
         max_batch_tokens=max_batch_tokens,
+        feature_cache_mb=feature_cache_mb,
+        optimizer=optimizer,
         vector_mode="last",
     )
 
@@ -82,6 +94,8 @@ DEFAULT_ELMO_MODEL = {
         "store_dtype": "float32",
         "vector_hooks": True,
         "max_batch_tokens": 4096,
+        "feature_cache_mb": 1024,
+        "optimizer": None,
     },
 )
 def make_ctx_elmo(
@@ -93,6 +107,8 @@ def make_ctx_elmo(
     store_dtype: str,
     vector_hooks: bool,
     max_batch_tokens: int,
+    feature_cache_mb: float,
+    optimizer: Optional[Optimizer],
 ) -> ContextualEncoder:
     """An ELMo biLM whose three layers (token, lstm_1, lstm_2) land on ``doc._.ctx``.
 
@@ -108,5 +124,7 @@ def make_ctx_elmo(
         store_dtype=store_dtype,
         vector_hooks=vector_hooks,
         max_batch_tokens=max_batch_tokens,
+        feature_cache_mb=feature_cache_mb,
+        optimizer=optimizer,
         vector_mode="mean",
     )

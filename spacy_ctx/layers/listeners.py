@@ -1,0 +1,258 @@
+"""Listeners: how ``ner``, ``textcat``, ``tagger``, ``spancat`` consume a shared encoder.
+
+A listener is ``Model[List[Doc], List[Floats2d]]`` (one row per spaCy token) made of
+
+* a *receiver*: the upstream ``ContextualEncoder`` runs once per batch and hands
+  every listener its outputs and a gradient callback (:meth:`ListenerLink.receive`);
+  when nothing was received (initialization, prediction outside the pipeline, or
+  an encoder excluded from updates) the listener asks the component to encode
+  the Docs itself, without gradients;
+* a *head* (``Model[List[CtxOutput], List[Floats2d]]``): pick the last layer or
+  scalar-mix all layers, then pool pieces to tokens.
+
+The head is also what :func:`build_standalone` chains after a copy of the encoder
+when ``nlp.replace_listeners`` makes a component independent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from spacy.errors import Errors
+from spacy.tokens import Doc
+from thinc.api import Model, Ragged, deserialize_attr, serialize_attr
+from thinc.backends import CupyOps
+from thinc.types import Floats2d, Floats3d
+from thinc.util import torch2xp
+
+from ..backends import CtxOutput
+from .scalar_mix import ScalarMix
+
+LISTENER_NAME = "ctx_listener"
+LAYERS_LAST = "last"
+LAYERS_ALL = "all"
+
+
+def get_batch_id(docs: Sequence[Doc]) -> int:
+    """Content hash of a batch (as spaCy's Tok2Vec listener computes it)."""
+    return sum(sum(token.orth for token in doc) for doc in docs)
+
+
+class ListenerLink:
+    """Runtime state of a listener: its upstream component and the last batch it received.
+
+    Never serialized, and shared rather than deep-copied with the model.
+    """
+
+    def __init__(self, component: Any = None) -> None:
+        self.component = component
+        self.batch_id: Optional[int] = None
+        self.outputs: Optional[List[CtxOutput]] = None
+        self.backprop: Optional[Callable] = None
+
+    def __deepcopy__(self, memo) -> "ListenerLink":
+        return ListenerLink(self.component)
+
+    def receive(self, batch_id: int, outputs: List[CtxOutput], backprop: Optional[Callable]) -> None:
+        self.batch_id, self.outputs, self.backprop = batch_id, outputs, backprop
+
+    def take(self, docs: List[Doc], is_train: bool) -> Tuple[Optional[List[CtxOutput]], Optional[Callable]]:
+        """Outputs received for exactly this batch (then forgotten), or (None, None)."""
+        if self.outputs is None:
+            return None, None
+        batch_id = get_batch_id(docs)
+        if batch_id != self.batch_id or len(self.outputs) != len(docs):
+            if is_train:
+                raise ValueError(Errors.E953.format(id1=batch_id, id2=self.batch_id))
+            return None, None
+        outputs, backprop = self.outputs, self.backprop
+        self.batch_id, self.outputs, self.backprop = None, None, None
+        return outputs, backprop
+
+
+@serialize_attr.register(ListenerLink)
+def _serialize_link(_: ListenerLink, value: ListenerLink, name: str, model: Model) -> bytes:
+    return b""
+
+
+@deserialize_attr.register(ListenerLink)
+def _deserialize_link(current: ListenerLink, value: bytes, name: str, model: Model) -> ListenerLink:
+    return current  # the link is re-made by the component's find_listeners
+
+
+# -- the listener -----------------------------------------------------------------------------
+def build_listener(
+    head: Model[List[CtxOutput], List[Floats2d]], *, upstream: str, grad_factor: float
+) -> Model[List[Doc], List[Floats2d]]:
+    """Wrap a head as a listener of the encoder component named ``upstream`` (or ``"*"``)."""
+    return Model(
+        LISTENER_NAME,
+        listener_forward,
+        init=listener_init,
+        layers=[head],
+        dims={"nO": None},
+        attrs={
+            "upstream_name": upstream,
+            "grad_factor": float(grad_factor),
+            "layers_needed": head.attrs["layers_needed"],
+            "link": ListenerLink(),
+        },
+    )
+
+
+def is_listener(model: Model) -> bool:
+    return model.name == LISTENER_NAME and isinstance(model.attrs.get("link"), ListenerLink)
+
+
+def _upstream(model: Model):
+    component = model.attrs["link"].component
+    if component is None:
+        raise ValueError(
+            f"The {LISTENER_NAME} (upstream={model.attrs['upstream_name']!r}) is not connected "
+            "to a ctx_bert/ctx_elmo component. Add the encoder component before the component "
+            "that listens to it, with a matching name."
+        )
+    return component
+
+
+def listener_init(model: Model, X: Optional[List[Doc]] = None, Y=None) -> None:
+    component = _upstream(model)
+    model.set_dim("nO", component.width, force=True)
+    model.layers[0].initialize()
+
+
+def listener_forward(
+    model: Model, docs: List[Doc], is_train: bool
+) -> Tuple[List[Floats2d], Callable]:
+    link: ListenerLink = model.attrs["link"]
+    outputs, upstream_backprop = link.take(docs, is_train)
+    if outputs is None:
+        outputs = _upstream(model).encode_for_listener(docs, model.attrs["layers_needed"])
+    head = model.layers[0]
+    Y, backprop_head = head(outputs, is_train)
+    grad_factor = model.attrs["grad_factor"]
+
+    def backprop(dY: List[Floats2d]) -> List[Doc]:
+        d_outputs = backprop_head(dY)  # also fills the head's own gradients (scalar mix)
+        if upstream_backprop is not None:
+            # Always report, even with nothing to send: the encoder counts listeners.
+            if grad_factor == 0.0:
+                upstream_backprop(None)
+            else:
+                if grad_factor != 1.0:
+                    d_outputs = [d * grad_factor for d in d_outputs]
+                upstream_backprop(d_outputs)
+        return []
+
+    return Y, backprop
+
+
+# -- heads ----------------------------------------------------------------------------------------
+def _to_xp(model: Model, tensor: torch.Tensor):
+    """A detached torch tensor as an array of the model's ops (numpy or cupy)."""
+    tensor = tensor.detach()
+    if isinstance(model.ops, CupyOps):
+        return torch2xp(tensor.contiguous())
+    return tensor.to("cpu").numpy()
+
+
+def build_head(
+    pooling: Model[Ragged, Floats2d], mix: Optional[Model[List[Floats3d], List[Floats2d]]]
+) -> Model[List[CtxOutput], List[Floats2d]]:
+    """Last layer (``mix=None``) or a scalar mix of all layers, pooled to tokens."""
+    layers = [with_empty_tokens(pooling)] + ([mix] if mix is not None else [])
+    return Model(
+        "ctx_listener_head",
+        head_forward,
+        init=head_init,
+        layers=layers,
+        attrs={"layers_needed": LAYERS_ALL if mix is not None else LAYERS_LAST},
+    )
+
+
+def head_init(model: Model, X=None, Y=None) -> None:
+    for layer in model.layers:
+        layer.initialize()
+
+
+def head_forward(
+    model: Model, outputs: List[CtxOutput], is_train: bool
+) -> Tuple[List[Floats2d], Callable]:
+    pool = model.layers[0]
+    mix = model.layers[1] if len(model.layers) > 1 else None
+    shapes = [tuple(o.layers.shape) for o in outputs]
+    if mix is not None:
+        units, backprop_mix = mix([_to_xp(model, o.layers) for o in outputs], is_train)
+    else:
+        units = [_to_xp(model, o.layers[-1]) for o in outputs]
+        backprop_mix = None
+    lengths = [model.ops.asarray1i(o.lengths) for o in outputs]
+    width = shapes[0][2] if shapes else 0
+    flat = model.ops.xp.concatenate(units) if units else model.ops.alloc2f(0, width)
+    Y_flat, backprop_pool = pool(Ragged(flat, model.ops.xp.concatenate(lengths)), is_train)
+    n_tokens = [len(o.lengths) for o in outputs]
+    splits = np.cumsum(n_tokens)[:-1].tolist()
+    Ys = model.ops.xp.split(Y_flat, splits) if outputs else []
+
+    def backprop(dYs: List[Floats2d]) -> List[Floats3d]:
+        d_units_flat = backprop_pool(model.ops.xp.concatenate(dYs)).data
+        unit_splits = np.cumsum([s[1] for s in shapes])[:-1].tolist()
+        d_units = model.ops.xp.split(d_units_flat, unit_splits)
+        if backprop_mix is not None:
+            return backprop_mix(list(d_units))
+        d_layers = []
+        for shape, d in zip(shapes, d_units):
+            full = model.ops.alloc3f(*shape)
+            full[-1] = d
+            d_layers.append(full)
+        return d_layers
+
+    return list(Ys), backprop
+
+
+def with_empty_tokens(pooling: Model[Ragged, Floats2d]) -> Model[Ragged, Floats2d]:
+    """Let a reduce layer accept tokens with zero pieces: they pool to zeros.
+
+    Thinc's reduce_first/last/max reject empty sequences, so each empty token
+    gets one zero row for the duration of the call.
+    """
+    return Model("with_empty_tokens", _empty_tokens_forward, layers=[pooling], init=head_init)
+
+
+def _empty_tokens_forward(model: Model, X: Ragged, is_train: bool) -> Tuple[Floats2d, Callable]:
+    pooling = model.layers[0]
+    xp = model.ops.xp
+    lengths = X.lengths
+    empty = lengths == 0
+    if not bool(empty.any()):
+        return pooling(X, is_train)
+    padded_lengths = xp.where(empty, 1, lengths).astype("int32")
+    padded_starts = xp.cumsum(padded_lengths) - padded_lengths
+    # Where each original row goes: its token's padded start + its offset in the token.
+    token_of_row = xp.repeat(xp.arange(len(lengths)), lengths if xp is np else lengths.tolist())
+    row_starts = xp.cumsum(lengths) - lengths
+    offsets = xp.arange(X.data.shape[0]) - row_starts[token_of_row]
+    destination = padded_starts[token_of_row] + offsets
+    data = model.ops.alloc2f(int(padded_lengths.sum()), X.data.shape[1])
+    data[destination] = X.data
+    Y, backprop_pool = pooling(Ragged(data, padded_lengths), is_train)
+
+    def backprop(dY: Floats2d) -> Ragged:
+        return Ragged(backprop_pool(dY).data[destination], lengths)
+
+    return Y, backprop
+
+
+def build_standalone(
+    encoder: Model[List[Doc], List[CtxOutput]], head: Model[List[CtxOutput], List[Floats2d]]
+) -> Model[List[Doc], List[Floats2d]]:
+    """Encoder and head in one model: what a listener becomes after replace_listeners."""
+    from thinc.api import chain
+
+    if head.attrs["layers_needed"] == LAYERS_LAST:
+        encoder.attrs["keep_layers"] = [-1]  # the head reads only the last layer
+    model = chain(encoder, head)
+    model.attrs["layers_needed"] = head.attrs["layers_needed"]
+    return model
