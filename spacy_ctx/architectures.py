@@ -17,7 +17,7 @@ from .layers.scalar_mix import ScalarMix
 
 def build_bert_encoder(
     *,
-    name: str,
+    name: Optional[str],
     window: Optional[int] = None,
     stride: Optional[int] = None,
     overlap: str = "best",
@@ -116,7 +116,7 @@ def build_last_layer_listener(
 
 def build_scalar_mix_listener(
     *,
-    n_layers: int,
+    n_layers: Optional[int] = None,
     upstream: str = "*",
     grad_factor: float = 1.0,
     pooling: Optional[Model[Ragged, Floats2d]] = None,
@@ -125,7 +125,8 @@ def build_scalar_mix_listener(
 ) -> Model[List[Doc], List[Floats2d]]:
     """``spacy_ctx.ScalarMixListener.v1``: ``gamma * sum_k softmax(s)_k * h_k`` over all layers.
 
-    n_layers: layers the encoder returns (BERT: hidden layers + 1; ELMo: 3).
+    n_layers: layers the encoder returns (BERT: hidden layers + 1; ELMo: 3);
+        None takes the number from the upstream encoder at initialization.
     upstream, grad_factor, pooling: as for ``LastLayerListener.v1``.
     layer_norm: normalise each layer (per Doc) before mixing.
     layer_dropout: probability of dropping a layer from the mix in training.

@@ -79,6 +79,35 @@ def demo(model: Optional[str], output: Path) -> None:
         raise SystemExit("reloaded pipeline differs")
 
 
+def init_config(args: argparse.Namespace) -> None:
+    """Write a complete, validated training config."""
+    import spacy
+
+    from .training_config import make_config
+
+    print(f"[1/3] building a {args.pipeline} config on the {args.encoder} encoder", flush=True)
+    config = make_config(
+        args.pipeline,
+        args.encoder,
+        frozen=args.frozen,
+        listener=args.listener,
+        gpu=args.gpu,
+        encoder_path=args.encoder_path,
+        elmo_options=args.elmo_options,
+        elmo_weights=args.elmo_weights,
+    )
+    print("[2/3] filling spaCy defaults and validating (no weights are loaded)", flush=True)
+    nlp = spacy.util.load_model_from_config(config, auto_fill=True, validate=True)
+    filled = nlp.config
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    filled.to_disk(args.output, interpolate=False)
+    print(f"[3/3] wrote {args.output}", flush=True)
+    print(f"train with: python -m spacy train {args.output} --paths.train TRAIN.spacy "
+          "--paths.dev DEV.spacy" + (" --paths.encoder MODEL_DIR" if args.encoder == "bert" else
+          " --paths.elmo_options OPTIONS.json --paths.elmo_weights WEIGHTS.hdf5")
+          + (" --gpu-id 0" if args.gpu else ""))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m spacy_ctx", description="spacy-ctx command-line tools"
@@ -90,11 +119,28 @@ def main(argv: Optional[List[str]] = None) -> None:
     demo_parser.add_argument("--model", help="checkpoint dir or hub id (default: embedded MiniLM)")
     demo_parser.add_argument("--output", type=Path, default=Path("demo_out"), help="where to save the pipeline")
     commands.add_parser("model-path", help="print the embedded default model's directory")
+    cfg = commands.add_parser("init-config", help="write a training config for ner/textcat on ctx_bert/ctx_elmo")
+    cfg.add_argument("output", type=Path, help="where to write the .cfg file")
+    cfg.add_argument("--pipeline", choices=["ner", "textcat", "ner+textcat"], default="ner")
+    cfg.add_argument("--encoder", choices=["bert", "elmo"], default="bert")
+    frozen = cfg.add_mutually_exclusive_group()
+    frozen.add_argument("--frozen", dest="frozen", action="store_true", default=None,
+                        help="no gradients into the encoder (default for elmo)")
+    frozen.add_argument("--fine-tune", dest="frozen", action="store_false",
+                        help="train the encoder weights (default for bert)")
+    cfg.add_argument("--listener", choices=["last", "scalar_mix"], default=None,
+                     help="default: last for fine-tuned bert, scalar_mix otherwise")
+    cfg.add_argument("--gpu", action="store_true", help="bf16 autocast and the pytorch allocator")
+    cfg.add_argument("--encoder-path", help="BERT checkpoint dir or hub id for [paths] encoder")
+    cfg.add_argument("--elmo-options", help="ELMo options.json for [paths]")
+    cfg.add_argument("--elmo-weights", help="ELMo weights.hdf5 for [paths]")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.model, args.output)
     elif args.command == "model-path":
         print(embedded_model_dir())
+    elif args.command == "init-config":
+        init_config(args)
     else:
         parser.print_help()
         sys.exit(1 if argv else 0)

@@ -26,19 +26,19 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def resolve_bert_dir(name: Union[str, Path]) -> Path:
+def resolve_bert_dir(name: Optional[Union[str, Path]]) -> Path:
     """Return a local checkpoint directory for a local path or a hub id.
 
     Local directories are used as they are. Anything else is taken as a Hugging
     Face hub id and fetched with ``huggingface_hub`` (the ``hub`` extra), which
     also serves ids from its local cache when offline (``HF_HUB_OFFLINE=1``).
     """
-    name = str(name)
-    if not name:
+    if name is None or not str(name):
         raise CheckpointError(
-            "No model name given: set [components.<name>.model] name to a local Hugging "
-            "Face-format directory or a hub id."
+            "No model name given: set [components.<name>.model] name (in the ready configs: "
+            "--paths.encoder) to a local Hugging Face-format directory or a hub id."
         )
+    name = str(name)
     path = Path(name).expanduser()
     if path.is_dir():
         return path

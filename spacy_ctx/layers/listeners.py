@@ -120,7 +120,19 @@ def _upstream(model: Model):
 def listener_init(model: Model, X: Optional[List[Doc]] = None, Y=None) -> None:
     component = _upstream(model)
     model.set_dim("nO", component.width, force=True)
-    model.layers[0].initialize()
+    head = model.layers[0]
+    for node in head.walk():
+        if node.name == "scalar_mix":
+            n_layers = len(component.layer_names)
+            if not node.has_dim("nL"):
+                node.set_dim("nL", n_layers)
+            elif node.get_dim("nL") != n_layers:
+                raise ValueError(
+                    f"ScalarMixListener has n_layers={node.get_dim('nL')} but the encoder "
+                    f"'{component.name}' returns {n_layers} layers; set n_layers to "
+                    f"{n_layers} or leave it null."
+                )
+    head.initialize()
 
 
 def listener_forward(

@@ -9,7 +9,7 @@ the softmax during training.
 
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from thinc.api import Model
 from thinc.types import Floats2d, Floats3d
@@ -19,10 +19,13 @@ DROPPED = -1e20  # a logit that softmax turns into an exact 0
 
 
 def ScalarMix(
-    n_layers: int, *, layer_norm: bool = False, layer_dropout: float = 0.0
+    n_layers: Optional[int] = None, *, layer_norm: bool = False, layer_dropout: float = 0.0
 ) -> Model[List[Floats3d], List[Floats2d]]:
-    """Learned softmax-weighted sum of layers times a learned scale."""
-    if n_layers < 1:
+    """Learned softmax-weighted sum of layers times a learned scale.
+
+    ``n_layers`` may be left to None and set (dim ``nL``) before initialization.
+    """
+    if n_layers is not None and n_layers < 1:
         raise ValueError(f"ScalarMix needs at least one layer, got {n_layers}")
     if not 0.0 <= layer_dropout < 1.0:
         raise ValueError(f"layer_dropout must be in [0, 1), got {layer_dropout}")
@@ -37,6 +40,8 @@ def ScalarMix(
 
 
 def init(model: Model, X=None, Y=None) -> None:
+    if not model.has_dim("nL"):
+        raise ValueError("ScalarMix: the number of layers (nL) is unknown at initialization")
     model.set_param("weights", model.ops.alloc1f(model.get_dim("nL")))
     gamma = model.ops.alloc1f(1)
     gamma[0] = 1.0
