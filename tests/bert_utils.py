@@ -80,7 +80,10 @@ def write_tiny_bert(
     hf_config = transformers.BertConfig(**config)
     model = getattr(transformers, head)(hf_config)
     model.eval()
-    model.save_pretrained(str(path), safe_serialization=weights_format == "safetensors")
+    model.save_pretrained(str(path))
+    if weights_format == "bin":  # transformers 5 always writes safetensors
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
     (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), **config}))
     tokenizer_files = set(tokenizer_files)
     (path / "tokenizer_config.json").write_text(

@@ -10,6 +10,7 @@ shims into an existing structure.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +27,17 @@ from ..backends import CtxOutput, EncoderBackend, load_backend
 from ..errors import ConfigError
 
 BackendLoader = Callable[[], EncoderBackend]
+
+
+def _one_torch_thread_after_fork() -> None:
+    # GNU OpenMP is not fork-safe: a forked child that enters a parallel region waits
+    # forever for the parent's threads. spaCy's nlp.pipe(n_process>1) forks on Linux.
+    torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_torch_thread_after_fork)
+
 CtxEncoderModel = Model[List[Doc], List[CtxOutput]]
 
 
