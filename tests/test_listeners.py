@@ -398,3 +398,19 @@ def test_mixed_precision_training_on_cuda(tiny_bert_dir, precision):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values())
     assert np.isfinite(history[-1]["ner"])
+
+
+def test_encoder_in_annotating_components_still_trains(tiny_bert_dir):
+    """Predicting right after the update must not replace the training outputs."""
+    nlp = _pipeline(tiny_bert_dir)
+    spacy.util.fix_random_seed(0)
+    examples = _examples(nlp)
+    optimizer = nlp.initialize(lambda: examples)
+    nlp.update(examples, sgd=optimizer, annotates=["ctx_bert"])
+    before = _snapshot(nlp)
+    losses = {}
+    for _ in range(3):
+        nlp.update(examples, sgd=optimizer, losses=losses, annotates=["ctx_bert"])
+    after = _snapshot(nlp)
+    assert losses["ctx_bert"] > 0
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -58,6 +58,13 @@ class ListenerLink:
     def receive(self, batch_id: int, outputs: List[CtxOutput], backprop: Optional[Callable]) -> None:
         self.batch_id, self.outputs, self.backprop = batch_id, outputs, backprop
 
+    def receive_prediction(self, batch_id: int, outputs: List[CtxOutput]) -> None:
+        """Outputs of a prediction pass, unless training outputs for this batch wait here
+        (an encoder in ``annotating_components`` predicts right after its update)."""
+        if self.backprop is not None and self.batch_id == batch_id:
+            return
+        self.receive(batch_id, outputs, None)
+
     def take(self, docs: List[Doc], is_train: bool) -> Tuple[Optional[List[CtxOutput]], Optional[Callable]]:
         """Outputs received for exactly this batch (then forgotten), or (None, None)."""
         if self.outputs is None:

@@ -220,7 +220,7 @@ class ContextualEncoder(TrainablePipe):
         if self.listeners:  # downstream components reuse this pass
             batch_id = get_batch_id(docs)
             for listener in self.listeners:
-                listener.attrs["link"].receive(batch_id, outputs, None)
+                listener.attrs["link"].receive_prediction(batch_id, outputs)
         return outputs
 
     def set_annotations(self, docs: Sequence[Doc], outputs: List[Optional[CtxOutput]]) -> None:
@@ -274,6 +274,7 @@ class ContextualEncoder(TrainablePipe):
         if losses is None:
             losses = {}
         losses.setdefault(self.name, 0.0)
+        examples = list(examples)
         validate_examples(examples, "ContextualEncoder.update")
         docs = [eg.predicted for eg in examples]
         self._flush_gradients()
