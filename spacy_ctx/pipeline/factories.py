@@ -1,10 +1,10 @@
-"""Registered component factories: ``ctx_bert`` (and ``ctx_elmo``)."""
+"""Registered component factories: ``ctx_bert`` and ``ctx_elmo``, one component class."""
 
 from __future__ import annotations
 
-from spacy.language import Language
 from typing import Optional
 
+from spacy.language import Language
 from thinc.api import Model, Optimizer
 
 from .component import ContextualEncoder
@@ -58,19 +58,8 @@ def make_ctx_bert(
     optimizer: an optimizer for the encoder weights only (e.g. a lower learning
         rate than the task heads); None uses the training optimizer.
     """
-    return ContextualEncoder(
-        nlp.vocab,
-        model,
-        name,
-        frozen=frozen,
-        store=store,
-        store_dtype=store_dtype,
-        vector_hooks=vector_hooks,
-        max_batch_tokens=max_batch_tokens,
-        feature_cache_mb=feature_cache_mb,
-        optimizer=optimizer,
-        vector_mode="last",
-    )
+    settings = dict(locals())  # the factory arguments, passed on by name
+    return ContextualEncoder(settings.pop("nlp").vocab, vector_mode="last", **settings)
 
 
 DEFAULT_ELMO_MODEL = {
@@ -115,16 +104,5 @@ def make_ctx_elmo(
     Same settings as ``ctx_bert``; frozen by default. Token vectors are the average
     of the stored layers. max_batch_tokens counts padded tokens per batch.
     """
-    return ContextualEncoder(
-        nlp.vocab,
-        model,
-        name,
-        frozen=frozen,
-        store=store,
-        store_dtype=store_dtype,
-        vector_hooks=vector_hooks,
-        max_batch_tokens=max_batch_tokens,
-        feature_cache_mb=feature_cache_mb,
-        optimizer=optimizer,
-        vector_mode="mean",
-    )
+    settings = dict(locals())  # the factory arguments, passed on by name
+    return ContextualEncoder(settings.pop("nlp").vocab, vector_mode="mean", **settings)
