@@ -414,3 +414,24 @@ def test_encoder_in_annotating_components_still_trains(tiny_bert_dir):
     after = _snapshot(nlp)
     assert losses["ctx_bert"] > 0
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_prediction_runs_the_encoder_once_per_batch(tiny_bert_dir, monkeypatch):
+    """The parser predicts on re-sorted sub-batches; listeners still reuse the encoder pass."""
+    nlp = _pipeline(tiny_bert_dir)
+    _train(nlp, 2)
+    texts = [t for t, _, _ in TRAIN] * 5 + ["a b c d e f g h i j k l"]
+    expected = [(d.ents, d.cats) for d in nlp.pipe(texts, batch_size=8)]
+    component = nlp.get_pipe("ctx_bert")
+    backend = component.model.shims[0]._model
+    calls = []
+    original = backend.encode_docs
+    monkeypatch.setattr(backend, "encode_docs", lambda docs, **kw: calls.append(len(docs)) or original(docs, **kw))
+    got = [(d.ents, d.cats) for d in nlp.pipe(texts, batch_size=8)]
+    assert calls == [8, 8, 5]
+    assert [[(e.start, e.end, e.label_) for e in a] for a, _ in got] == [
+        [(e.start, e.end, e.label_) for e in a] for a, _ in expected]
+    for (_, a), (_, b) in zip(got, expected):
+        assert a == pytest.approx(b, abs=1e-6)
+    for listener in component.listeners:  # nothing left behind after the last batch
+        assert listener.attrs["link"].predicted == {}

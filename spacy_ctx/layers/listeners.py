@@ -16,7 +16,7 @@ when ``nlp.replace_listeners`` makes a component independent.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ class ListenerLink:
         self.batch_id: Optional[int] = None
         self.outputs: Optional[List[CtxOutput]] = None
         self.backprop: Optional[Callable] = None
+        # The last prediction batch, per Doc object: components such as the parser
+        # predict on re-sorted sub-batches of what the encoder saw.
+        self.predicted: Dict[int, Tuple[Doc, CtxOutput]] = {}
 
     def __deepcopy__(self, memo) -> "ListenerLink":
         return ListenerLink(self.component)
@@ -58,15 +61,27 @@ class ListenerLink:
     def receive(self, batch_id: int, outputs: List[CtxOutput], backprop: Optional[Callable]) -> None:
         self.batch_id, self.outputs, self.backprop = batch_id, outputs, backprop
 
-    def receive_prediction(self, batch_id: int, outputs: List[CtxOutput]) -> None:
+    def receive_prediction(self, docs: List[Doc], outputs: List[CtxOutput]) -> None:
         """Outputs of a prediction pass, unless training outputs for this batch wait here
         (an encoder in ``annotating_components`` predicts right after its update)."""
+        batch_id = get_batch_id(docs)
         if self.backprop is not None and self.batch_id == batch_id:
             return
         self.receive(batch_id, outputs, None)
+        self.predicted = {id(doc): (doc, output) for doc, output in zip(docs, outputs)}
 
     def take(self, docs: List[Doc], is_train: bool) -> Tuple[Optional[List[CtxOutput]], Optional[Callable]]:
-        """Outputs received for exactly this batch (then forgotten), or (None, None)."""
+        """Outputs received for this batch, or (None, None).
+
+        Training needs exactly the batch the encoder saw; prediction also accepts
+        any subset of the last prediction batch, in any order.
+        """
+        if not is_train and self.predicted:
+            found = [self.predicted.get(id(doc)) for doc in docs]
+            if all(entry is not None and entry[0] is doc for entry, doc in zip(found, docs)):
+                for doc in docs:  # consumed: do not keep Docs or tensors alive longer
+                    del self.predicted[id(doc)]
+                return [entry[1] for entry in found], None  # type: ignore[index]
         if self.outputs is None:
             return None, None
         batch_id = get_batch_id(docs)

@@ -217,10 +217,8 @@ class ContextualEncoder(TrainablePipe):
         if keep == []:
             return [None] * len(docs)
         outputs, _ = self._encode(docs, keep, is_train=False)
-        if self.listeners:  # downstream components reuse this pass
-            batch_id = get_batch_id(docs)
-            for listener in self.listeners:
-                listener.attrs["link"].receive_prediction(batch_id, outputs)
+        for listener in self.listeners:  # downstream components reuse this pass
+            listener.attrs["link"].receive_prediction(docs, outputs)
         return outputs
 
     def set_annotations(self, docs: Sequence[Doc], outputs: List[Optional[CtxOutput]]) -> None:
