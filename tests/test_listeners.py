@@ -435,3 +435,15 @@ def test_prediction_runs_the_encoder_once_per_batch(tiny_bert_dir, monkeypatch):
         assert a == pytest.approx(b, abs=1e-6)
     for listener in component.listeners:  # nothing left behind after the last batch
         assert listener.attrs["link"].predicted == {}
+
+
+def test_feature_cache_never_serves_a_trainable_encoder(tiny_bert_dir):
+    nlp = _pipeline(tiny_bert_dir)
+    _train(nlp, 2)
+    component = nlp.get_pipe("ctx_bert")
+    docs = [eg.predicted for eg in _examples(nlp)]
+    first = component.encode_for_listener(docs, "last")
+    _train_more(nlp, 3)  # the weights change
+    second = component.encode_for_listener(docs, "last")
+    assert len(component.feature_cache) == 0
+    assert not torch.equal(first[0].layers, second[0].layers)

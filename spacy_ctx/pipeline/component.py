@@ -184,8 +184,11 @@ class ContextualEncoder(TrainablePipe):
             self.model.attrs["keep_layers"] = None
 
     def _encode_without_grads(self, docs: List[Doc], keep: Optional[List[int]]) -> List[CtxOutput]:
-        """Encode for training without autograd, through the feature cache."""
-        if not self.feature_cache.enabled:
+        """Encode for training without autograd, through the feature cache.
+
+        The cache serves frozen encoders only: other weights may change at any step.
+        """
+        if not self.feature_cache.enabled or not self.cfg["frozen"]:
             self.model.attrs["trainable"] = False
             try:
                 return self._encode(docs, keep, is_train=True)[0]

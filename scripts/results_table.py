@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Markdown results table from the workflow's metrics JSON files (no spaCy needed).
+
+Inputs (all under ``metrics/``): ``eval_NAME.json`` written by ``scripts/evaluate.py``
+(test-set scores, words/s) and ``train_NAME.json`` written by ``scripts/workflow.sh train``
+(training time, steps, dev score). Only records made with the current
+``corpus/settings.json`` are used, so a table never mixes runs of different settings.
+
+    python scripts/results_table.py [--metrics metrics] [--settings corpus/settings.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+VARIANT_ORDER = ["ner_bert", "ner_bert_frozen", "ner_elmo",
+                 "textcat_bert", "textcat_bert_frozen", "textcat_elmo"]
+TASK_TITLES = {"ner": "NER", "textcat": "textcat"}
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _num(value: Optional[float], digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _order(name: str) -> tuple:
+    return (VARIANT_ORDER.index(name), name) if name in VARIANT_ORDER else (len(VARIANT_ORDER), name)
+
+
+def encoder_label(record: dict) -> str:
+    encoder = record.get("encoder", "bert")
+    kind = "ELMo" if encoder == "elmo" else "MiniLM"
+    if encoder == "elmo" or record.get("frozen"):
+        return f"{kind} frozen, scalar mix"
+    return f"{kind} fine-tuned, last layer"
+
+
+def load_records(metrics_dir: Path, settings: Optional[dict] = None) -> Dict[str, dict]:
+    """``{variant: {"eval": ..., "train": ...}}`` for the evaluated variants of ``settings``."""
+    records: Dict[str, dict] = {}
+    for path in sorted(metrics_dir.glob("eval_*.json")):
+        ev = json.loads(path.read_text(encoding="utf8"))
+        if settings is not None and ev.get("settings") != settings:
+            continue
+        name = ev["name"]
+        entry = {"eval": ev, "train": None}
+        train_path = metrics_dir / f"train_{name}.json"
+        if train_path.exists():
+            tr = json.loads(train_path.read_text(encoding="utf8"))
+            if settings is None or tr.get("settings") == settings:
+                entry["train"] = tr
+        records[name] = entry
+    return dict(sorted(records.items(), key=lambda item: _order(item[0])))
+
+
+def build_table(records: Dict[str, dict], settings: Optional[dict] = None,
+                stats: Optional[dict] = None) -> str:
+    """The results as markdown: summary, NER per type, textcat per class."""
+    settings = settings or {}
+    lines: List[str] = []
+    title = "# Results"
+    if settings.get("setting"):
+        title += f" — setting `{settings['setting']}`, seed {settings.get('seed', 0)}"
+    lines += [title, ""]
+    if settings:
+        lines.append(
+            "Training: fine-tuned encoders {ms} steps, frozen encoders {fs} steps, "
+            "{bw} words per batch. Scores are on the test split (%; P/R/F of exact entity "
+            "spans, spaCy's scorer); words/s is the trained pipeline on the test texts "
+            "(tokenizer included, CPU unless a GPU was used).".format(
+                ms=settings.get("max_steps") or "config", fs=settings.get("frozen_max_steps") or settings.get("max_steps") or "config",
+                bw=settings.get("batch_words") or "config"))
+    if stats:
+        parts = []
+        if "ner" in stats:
+            s = stats["ner"]["splits"]
+            parts.append("WNUT-16 tweets train/dev/test {}/{}/{} docs".format(
+                s["train"]["docs"], s["dev"]["docs"], s["test"]["docs"]))
+        if "textcat" in stats:
+            s = stats["textcat"]["splits"]
+            cut = stats["textcat"].get("max_tokens")
+            parts.append("BBC News articles train/dev/test {}/{}/{} docs{}".format(
+                s["train"]["docs"], s["dev"]["docs"], s["test"]["docs"],
+                f" (cut to {cut} tokens)" if cut else ""))
+        if parts:
+            lines.append("Data: " + "; ".join(parts) + ".")
+    lines.append("")
+
+    lines += ["## Summary", "",
+              "| variant | task | encoder | steps | train time (s) | dev score | test score | test words/s |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, rec in records.items():
+        ev, tr = rec["eval"], rec.get("train") or {}
+        task = ev["task"]
+        main = "ents_f" if task == "ner" else "cats_macro_f"
+        dev_name = tr.get("dev_score_name", "")
+        dev_label = {"ents_f": "F", "cats_score": "macro F"}.get(dev_name, dev_name)
+        steps = tr.get("steps") or ((settings.get("frozen_max_steps") if ev.get("frozen") or tr.get("frozen")
+                                     else settings.get("max_steps")) if settings else None)
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            name, TASK_TITLES.get(task, task), encoder_label({**ev, **tr}),
+            steps if steps else "–",
+            _num(tr.get("train_seconds"), 1),
+            f"{dev_label} {_pct(tr.get('dev_score'))}" if tr else "–",
+            ("F " if task == "ner" else "macro F ") + _pct(ev["scores"].get(main)),
+            _num(ev.get("words_per_second"))))
+    lines.append("")
+
+    ner = {n: r["eval"] for n, r in records.items() if r["eval"]["task"] == "ner"}
+    if ner:
+        gold: Dict[str, int] = {}
+        for ev in ner.values():
+            for label, n in ev.get("gold_counts", {}).items():
+                gold[label] = max(gold.get(label, 0), n)
+        types = sorted(set(gold) | {t for ev in ner.values() for t in ev["scores"].get("ents_per_type") or {}})
+        header = "| entity type | gold |" + "".join(f" {n} P | R | F |" for n in ner)
+        align = "| --- | ---: |" + " ---: | ---: | ---: |" * len(ner)
+        lines += ["## NER — WNUT-16 test, P / R / F per entity type", "", header, align]
+        for label in types:
+            row = f"| {label} | {gold.get(label, 0)} |"
+            for ev in ner.values():
+                t = (ev["scores"].get("ents_per_type") or {}).get(label, {})
+                row += f" {_pct(t.get('p'))} | {_pct(t.get('r'))} | {_pct(t.get('f'))} |"
+            lines.append(row)
+        row = f"| **all types** | {sum(gold.values())} |"
+        for ev in ner.values():
+            s = ev["scores"]
+            row += f" **{_pct(s.get('ents_p'))}** | **{_pct(s.get('ents_r'))}** | **{_pct(s.get('ents_f'))}** |"
+        lines += [row, ""]
+
+    cats = {n: r["eval"] for n, r in records.items() if r["eval"]["task"] == "textcat"}
+    if cats:
+        labels = sorted({l for ev in cats.values() for l in ev["scores"].get("cats_f_per_type") or {}})
+        lines += ["## Text classification — BBC News test (5 exclusive topics)", "",
+                  "| variant | accuracy | macro P | macro R | macro F |" + "".join(f" F {l} |" for l in labels),
+                  "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(labels)]
+        for name, ev in cats.items():
+            s = ev["scores"]
+            per = s.get("cats_f_per_type") or {}
+            lines.append(f"| {name} | {_pct(ev.get('accuracy'))} | {_pct(s.get('cats_macro_p'))} | "
+                         f"{_pct(s.get('cats_macro_r'))} | {_pct(s.get('cats_macro_f'))} |"
+                         + "".join(f" {_pct(per.get(l, {}).get('f'))} |" for l in labels))
+        lines.append("")
+    if not records:
+        lines += ["(no evaluated variants for these settings yet)", ""]
+    return "\n".join(lines)
+
+
+def write_results(metrics_dir: Path, settings_path: Optional[Path] = None,
+                  stats_path: Optional[Path] = None, output: Optional[Path] = None) -> str:
+    settings = json.loads(settings_path.read_text(encoding="utf8")) if settings_path and settings_path.exists() else None
+    stats = json.loads(stats_path.read_text(encoding="utf8")) if stats_path and stats_path.exists() else None
+    records = load_records(metrics_dir, settings)
+    table = build_table(records, settings, stats)
+    output = output or metrics_dir / "results.md"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(table, encoding="utf8")
+    summary = {name: {"task": r["eval"]["task"], "test": r["eval"]["scores"],
+                      "accuracy": r["eval"].get("accuracy"),
+                      "words_per_second": r["eval"].get("words_per_second"),
+                      "train_seconds": (r.get("train") or {}).get("train_seconds"),
+                      "dev_score": (r.get("train") or {}).get("dev_score")}
+               for name, r in records.items()}
+    (output.parent / "results.json").write_text(
+        json.dumps({"settings": settings, "variants": summary}, indent=2) + "\n", encoding="utf8")
+    return table
+
+
+def main(argv: Optional[Iterable[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="write metrics/results.md from metrics/*.json")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics"))
+    parser.add_argument("--settings", type=Path, default=Path("corpus/settings.json"))
+    parser.add_argument("--stats", type=Path, default=Path("corpus/stats.json"))
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    print(write_results(args.metrics, args.settings, args.stats))
+
+
+if __name__ == "__main__":
+    main()
