@@ -43,7 +43,8 @@ SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 # caps and "the config's value" for the training keys).
 SETTING_KEYS = ("ner_train_docs", "ner_eval_docs", "textcat_train_docs", "textcat_eval_docs",
                 "max_tokens", "max_steps", "eval_frequency", "frozen_max_steps",
-                "frozen_eval_frequency", "batch_words")
+                "frozen_eval_frequency", "batch_words", "encoder_learn_rate")
+FLOAT_KEYS = ("encoder_learn_rate",)
 
 
 class MissingDataPackage(SystemExit):
@@ -270,15 +271,15 @@ def build_textcat(output: Path, seed: int, train_cap: int, eval_cap: int, max_to
     return stats
 
 
-def parse_setting(values: Optional[List[str]]) -> Dict[str, int]:
+def parse_setting(values: Optional[List[str]]) -> Dict[str, float]:
     """``key=value`` pairs (project.yml passes one group per setting)."""
-    out: Dict[str, int] = {}
+    out: Dict[str, float] = {}
     for item in values or []:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in SETTING_KEYS:
-            raise SystemExit(f"bad setting value {item!r}; expected KEY=INT with KEY in {', '.join(SETTING_KEYS)}")
-        out[key] = int(value)
+            raise SystemExit(f"bad setting value {item!r}; expected KEY=NUMBER with KEY in {', '.join(SETTING_KEYS)}")
+        out[key] = float(value) if key in FLOAT_KEYS else int(value)
     return out
 
 
@@ -314,6 +315,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--frozen-max-steps", type=int, help="training steps with a frozen encoder (settings.json)")
     parser.add_argument("--frozen-eval-frequency", type=int, help="eval frequency with a frozen encoder (settings.json)")
     parser.add_argument("--batch-words", type=int, help="words per training batch, 0: config default (settings.json)")
+    parser.add_argument("--encoder-learn-rate", type=float,
+                        help="peak learning rate of fine-tuned encoders, 0: config default (settings.json)")
     parser.add_argument("--only", choices=["ner", "textcat"], help="build one corpus only")
     args = parser.parse_args(argv)
 

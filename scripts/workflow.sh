@@ -72,11 +72,12 @@ s = json.load(open("corpus/settings.json"))
 frozen = sys.argv[1] == "1"
 steps = s.get("frozen_max_steps" if frozen else "max_steps") or s.get("max_steps") or 0
 freq = s.get("frozen_eval_frequency" if frozen else "eval_frequency") or s.get("eval_frequency") or 0
-print(int(steps), int(freq), int(s.get("seed", 0)), int(s.get("batch_words") or 0), s.get("encoder") or "")
+print(int(steps), int(freq), int(s.get("seed", 0)), int(s.get("batch_words") or 0),
+      float(s.get("encoder_learn_rate") or 0), s.get("encoder") or "")
 EOF
 )"
-    local steps freq seed batch_words encoder
-    read -r steps freq seed batch_words encoder <<< "$settings"
+    local steps freq seed batch_words encoder_lr encoder
+    read -r steps freq seed batch_words encoder_lr encoder <<< "$settings"
     local overrides=(--system.seed "$seed")
     [ "$steps" -gt 0 ] && overrides+=(--training.max_steps "$steps")
     [ "$freq" -gt 0 ] && overrides+=(--training.eval_frequency "$freq")
@@ -85,19 +86,15 @@ EOF
         [ -n "$encoder" ] || encoder="$("$PY" -m spacy_ctx model-path)"
         paths+=(--paths.encoder "$encoder")
     fi
-    # Fine-tuned encoders: no feature cache. It only pays off for frozen encoders, and
-    # spacy_ctx also serves it to non-frozen ones when a listener encodes by itself, where
-    # it returns features of old weights (before spacy_ctx 425e23c, every NER dev
-    # evaluation after the first scored the step-0 features).
-    if [ "$frozen" = 0 ] && [ "$is_elmo" = 0 ]; then
-        overrides+=(--components.ctx_bert.feature_cache_mb 0)
-    fi
     # Fine-tuned encoders: warm up for 10% of the run and decay to zero at its end
     # (the config's schedule is written for 20,000 steps).
     if [ "$steps" -gt 0 ] && grep -q '^\[components\.ctx_bert\.optimizer\.learn_rate\]' "$config"; then
         local warmup=$(( steps / 10 > 0 ? steps / 10 : 1 ))
         overrides+=(--components.ctx_bert.optimizer.learn_rate.total_steps "$steps"
                     --components.ctx_bert.optimizer.learn_rate.warmup_steps "$warmup")
+        if [ "$encoder_lr" != "0.0" ]; then
+            overrides+=(--components.ctx_bert.optimizer.learn_rate.initial_rate "$encoder_lr")
+        fi
     fi
 
     local out="training/$name"
