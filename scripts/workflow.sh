@@ -50,7 +50,7 @@ train() {
         if [ -z "$elmo_options" ] || [ -z "$elmo_weights" ]; then
             die "the ELMo variant needs an ELMo model: pass both vars, e.g.
     python -m weasel run all-elmo . --vars.elmo_options /path/options.json --vars.elmo_weights /path/weights.hdf5
-(AllenNLP options.json + weights.hdf5; the test fixture in /work/shared/refdata/elmo-allennlp-fixture works)"
+(AllenNLP options.json + weights.hdf5; a small test model: shared/refdata/elmo-allennlp-fixture beside this repo)"
         fi
         [ -f "$elmo_options" ] || die "ELMo options file not found: $elmo_options"
         [ -f "$elmo_weights" ] || die "ELMo weights file not found: $elmo_weights"
