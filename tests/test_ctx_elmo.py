@@ -22,10 +22,10 @@ from spacy.tokens import Doc, DocBin
 from spacy_ctx.ctx_data import CtxData
 from spacy_ctx.doc_data import install_vector_hooks
 from spacy_ctx.errors import CheckpointError
-from spacy_ctx.layers.encoder import ensure_backend, get_backend
+from spacy_ctx.layers.encoder import ensure_backend
 from spacy_ctx.loaders import ELMO_MODELS
 
-from .elmo_utils import refdata_dir, write_random_elmo
+from .elmo_utils import write_random_elmo
 
 Files = Tuple[Path, Path]
 
@@ -117,17 +117,6 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> Files:
 def tiny_nlp(tiny_files: Files):
     """Tiny model, sentencizer, default settings (store all, float32, mean vectors)."""
     return make_nlp(tiny_files, sentencizer=True)
-
-
-@pytest.fixture(scope="module")
-def fixture_dir() -> Path:
-    path = refdata_dir()
-    if path is None:
-        pytest.skip(
-            "AllenNLP ELMo fixture not found: expected <repo>/../shared/refdata/elmo-allennlp-fixture "
-            "or a folder named by $SPACY_CTX_REFDATA"
-        )
-    return path
 
 
 def fixture_batches(fixture_dir: Path) -> List[List[List[str]]]:

@@ -30,7 +30,7 @@ from spacy_ctx.encoders.elmo_checkpoint import (
 from spacy_ctx.errors import CheckpointError
 from spacy_ctx.pieces.chars import BOS_CHAR_IDS, EOS_CHAR_IDS, elmo_char_ids
 
-from .elmo_utils import REPO_ROOT, refdata_dir, write_random_elmo
+from .elmo_utils import REPO_ROOT, write_random_elmo
 
 # --------------------------------------------------------------------------
 # helpers
@@ -70,17 +70,6 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def tiny_model(tiny_files: tuple[Path, Path]) -> ElmoBiLM:
     return load_elmo(*tiny_files)
-
-
-@pytest.fixture(scope="module")
-def fixture_dir() -> Path:
-    path = refdata_dir()
-    if path is None:
-        pytest.skip(
-            "AllenNLP ELMo fixture not found: expected <repo>/../shared/refdata/elmo-allennlp-fixture "
-            "or a folder named by $SPACY_CTX_REFDATA"
-        )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Listeners, training through spaCy, gradient flow, feature cache, replace_listeners."""
 
-import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,6 @@ import spacy
 import torch
 from spacy.tokens import DocBin
 from spacy.training import Example
-from thinc.api import Adam, NumpyOps
 
 from spacy_ctx.layers.scalar_mix import ScalarMix
 
@@ -236,7 +234,6 @@ def test_replace_listeners_predicts_the_same(tiny_bert_dir, tmp_path, kind):
 # -- scalar mix maths ---------------------------------------------------------------------------
 @pytest.mark.parametrize("layer_norm", [False, True])
 def test_scalar_mix_gradients_match_finite_differences(layer_norm):
-    ops = NumpyOps()
     mix = ScalarMix(3, layer_norm=layer_norm)
     mix.initialize()
     rng = np.random.default_rng(0)

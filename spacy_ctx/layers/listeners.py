@@ -28,7 +28,6 @@ from thinc.types import Floats2d, Floats3d
 from thinc.util import torch2xp
 
 from ..backends import CtxOutput
-from .scalar_mix import ScalarMix
 
 LISTENER_NAME = "ctx_listener"
 LAYERS_LAST = "last"
