@@ -57,16 +57,20 @@ class ListenerLink:
     def __deepcopy__(self, memo) -> "ListenerLink":
         return ListenerLink(self.component)
 
-    def receive(self, batch_id: int, outputs: List[CtxOutput], backprop: Optional[Callable]) -> None:
+    def receive(
+        self,
+        batch_id: Optional[int],
+        outputs: Optional[List[CtxOutput]],
+        backprop: Optional[Callable],
+    ) -> None:
         self.batch_id, self.outputs, self.backprop = batch_id, outputs, backprop
 
     def receive_prediction(self, docs: List[Doc], outputs: List[CtxOutput]) -> None:
         """Outputs of a prediction pass, unless training outputs for this batch wait here
         (an encoder in ``annotating_components`` predicts right after its update)."""
-        batch_id = get_batch_id(docs)
-        if self.backprop is not None and self.batch_id == batch_id:
+        if self.backprop is not None and self.batch_id == get_batch_id(docs):
             return
-        self.receive(batch_id, outputs, None)
+        self.receive(None, None, None)  # forget any earlier training batch
         self.predicted = {id(doc): (doc, output) for doc, output in zip(docs, outputs)}
 
     def take(self, docs: List[Doc], is_train: bool) -> Tuple[Optional[List[CtxOutput]], Optional[Callable]]:

@@ -188,15 +188,12 @@ class ContextualEncoder(TrainablePipe):
 
         The cache serves frozen encoders only: other weights may change at any step.
         """
-        if not self.feature_cache.enabled or not self.cfg["frozen"]:
-            self.model.attrs["trainable"] = False
-            try:
-                return self._encode(docs, keep, is_train=True)[0]
-            finally:
-                self.model.attrs["trainable"] = not self.cfg["frozen"]
+        use_cache = self.feature_cache.enabled and self.cfg["frozen"]
+        keys = [doc_key(doc, keep) for doc in docs] if use_cache else []
         device = ensure_backend(self.model).device
-        keys = [doc_key(doc, keep) for doc in docs]
-        outputs: List[Optional[CtxOutput]] = [self.feature_cache.get(k, device) for k in keys]
+        outputs: List[Optional[CtxOutput]] = (
+            [self.feature_cache.get(k, device) for k in keys] if use_cache else [None] * len(docs)
+        )
         missing = [i for i, o in enumerate(outputs) if o is None]
         if missing:
             self.model.attrs["trainable"] = False
@@ -206,7 +203,8 @@ class ContextualEncoder(TrainablePipe):
                 self.model.attrs["trainable"] = not self.cfg["frozen"]
             for i, output in zip(missing, fresh):
                 outputs[i] = output
-                self.feature_cache.put(keys[i], output)
+                if use_cache:
+                    self.feature_cache.put(keys[i], output)
         return outputs  # type: ignore[return-value]
 
     def encode_for_listener(self, docs: List[Doc], layers_needed: str) -> List[CtxOutput]:
