@@ -177,7 +177,7 @@ def setup_ctx_bert(opts: WorkerOptions) -> Loaded:
     )
     nlp.initialize()
     component = nlp.get_pipe("ctx_bert")
-    from spacy_ctx.layers.encoder import ensure_backend
+    from spacy_ctx.thinc_layers.backend_layer import ensure_backend
 
     backend = ensure_backend(component.model)
     info: Dict[str, Any] = {
@@ -199,7 +199,7 @@ def setup_ctx_bert(opts: WorkerOptions) -> Loaded:
 
     def finish() -> None:
         # Positions through the encoder: every window with its [CLS]/[SEP] (outside timing).
-        from spacy_ctx.layers.windows import plan_windows
+        from spacy_ctx.backends.windows import plan_windows
 
         counts = info.pop("piece_counts")
         positions = 0
@@ -389,7 +389,7 @@ def setup_ctx_elmo(opts: WorkerOptions) -> Loaded:
         config={"model": model_cfg, "store": "all", "max_batch_tokens": opts.max_batch_tokens},
     )
     nlp.initialize()
-    from spacy_ctx.layers.encoder import ensure_backend
+    from spacy_ctx.thinc_layers.backend_layer import ensure_backend
 
     # The backend is nlp.get_pipe("ctx_elmo").model.shims[0]._model (loaded if still lazy).
     backend = ensure_backend(nlp.get_pipe("ctx_elmo").model)

@@ -13,16 +13,27 @@ __version__ = "0.1.0"
 _LAZY = {
     "CtxData": "spacy_ctx.ctx_data",
     "install_vector_hooks": "spacy_ctx.doc_data",
-    "ContextualEncoder": "spacy_ctx.pipeline.component",
+    "CtxComponent": "spacy_ctx.pipeline.component",
     "CheckpointError": "spacy_ctx.errors",
     "ConfigError": "spacy_ctx.errors",
     "SpacyCtxError": "spacy_ctx.errors",
 }
 
+# Old public names that still work, with a warning.
+_DEPRECATED = {"ContextualEncoder": "CtxComponent"}
+
 __all__ = [*_LAZY, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        import warnings
+
+        new = _DEPRECATED[name]
+        warnings.warn(
+            f"spacy_ctx.{name} is deprecated; use spacy_ctx.{new}", DeprecationWarning, stacklevel=2
+        )
+        return __getattr__(new)
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'spacy_ctx' has no attribute {name!r}")

@@ -10,9 +10,9 @@ from thinc.api import Model, Ragged, reduce_mean
 from thinc.types import Floats2d
 
 from .backends import CtxOutput
-from .layers.encoder import build_ctx_encoder
-from .layers.listeners import build_head, build_listener, build_standalone
-from .layers.scalar_mix import ScalarMix
+from .thinc_layers.backend_layer import build_backend_layer
+from .thinc_layers.listeners import build_head, build_listener, build_standalone
+from .thinc_layers.scalar_mix import ScalarMix
 
 
 def build_bert_encoder(
@@ -49,7 +49,7 @@ def build_bert_encoder(
             mixed_precision=mixed_precision,
         )
 
-    return build_ctx_encoder(load, device=device)
+    return build_backend_layer(load, device=device)
 
 
 def build_elmo_encoder(
@@ -88,7 +88,7 @@ def build_elmo_encoder(
             mixed_precision=mixed_precision,
         )
 
-    return build_ctx_encoder(load, device=device)
+    return build_backend_layer(load, device=device)
 
 
 def _pooling_or_default(pooling: Optional[Model[Ragged, Floats2d]]) -> Model[Ragged, Floats2d]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import spacy
 
-from spacy_ctx.pieces.wordpiece import WordPieceEncoder
+from spacy_ctx.pieces.wordpiece import WordPieceTokenizer
 
 from .bert_utils import write_tiny_bert
 
@@ -33,7 +33,7 @@ def _hf_counts(tokenizer, words):
 
 def _check(model_dir, texts):
     nlp = spacy.blank("en")
-    ours = WordPieceEncoder.from_pretrained_dir(model_dir)
+    ours = WordPieceTokenizer.from_pretrained_dir(model_dir)
     theirs = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     docs_words = [[t.text for t in nlp(text)] for text in texts]
     for words, (ids, counts) in zip(docs_words, ours.encode(docs_words)):
@@ -59,7 +59,7 @@ def test_tokenizer_config_overrides_tokenizer_json(tmp_path):
     """tokenizer_config.json's do_lower_case wins over tokenizer.json, as in HF."""
     model_dir = write_tiny_bert(tmp_path / "m", tokenizer_files=("tokenizer.json",), lowercase=True)
     (model_dir / "tokenizer_config.json").write_text('{"do_lower_case": false}')
-    ours = WordPieceEncoder.from_pretrained_dir(model_dir)
+    ours = WordPieceTokenizer.from_pretrained_dir(model_dir)
     [(ids, _)] = ours.encode([["Apple"]])
     [(ids_lower, _)] = ours.encode([["apple"]])
     assert ids.tolist() != ids_lower.tolist()
@@ -68,14 +68,14 @@ def test_tokenizer_config_overrides_tokenizer_json(tmp_path):
 def test_whitespace_tokens_have_no_pieces(minilm):
     nlp = spacy.blank("en")
     doc = nlp("a  b\n\nc")
-    ours = WordPieceEncoder.from_pretrained_dir(minilm)
+    ours = WordPieceTokenizer.from_pretrained_dir(minilm)
     [(_, counts)] = ours.encode([[t.text for t in doc]])
     for token, count in zip(doc, counts):
         assert (count == 0) == token.is_space
 
 
 def test_unknown_token_gets_unk(tiny_bert_dir):
-    ours = WordPieceEncoder.from_pretrained_dir(tiny_bert_dir)
+    ours = WordPieceTokenizer.from_pretrained_dir(tiny_bert_dir)
     [(ids, counts)] = ours.encode([["Ωμέγα"]])
     assert ours.unk_id in ids.tolist()
     assert counts.tolist() == [len(ids)]

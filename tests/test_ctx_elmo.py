@@ -22,7 +22,7 @@ from spacy.tokens import Doc, DocBin
 from spacy_ctx.ctx_data import CtxData
 from spacy_ctx.doc_data import install_vector_hooks
 from spacy_ctx.errors import CheckpointError
-from spacy_ctx.layers.encoder import ensure_backend
+from spacy_ctx.thinc_layers.backend_layer import ensure_backend
 from spacy_ctx.loaders import ELMO_MODELS
 
 from .elmo_utils import write_random_elmo

@@ -11,7 +11,7 @@ import torch
 from spacy.tokens import DocBin
 from spacy.training import Example
 
-from spacy_ctx.layers.scalar_mix import ScalarMix
+from spacy_ctx.thinc_layers.scalar_mix import ScalarMix
 
 from .bert_utils import write_tiny_bert
 from .elmo_utils import write_random_elmo
@@ -200,7 +200,7 @@ def test_feature_cache_hit_on_second_epoch_with_identical_outputs(tiny_bert_dir,
     assert cache.hits == hits + len(docs)
     for a, b in zip(first, second):
         assert torch.equal(a.layers, b.layers)
-        np.testing.assert_array_equal(a.lengths, b.lengths)
+        np.testing.assert_array_equal(a.piece_counts, b.piece_counts)
 
 
 def test_feature_cache_off_switch_and_bound(tiny_bert_dir):

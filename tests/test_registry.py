@@ -279,7 +279,7 @@ def test_add_pipe_with_missing_directory_defers_the_error(
 def test_architecture_builds_an_unloaded_model(
     tiny_bert_dir: Path, loader_calls: List[str]
 ) -> None:
-    from spacy_ctx.layers.encoder import ensure_backend, get_backend
+    from spacy_ctx.thinc_layers.backend_layer import ensure_backend, get_backend
 
     build = spacy.registry.architectures.get("spacy_ctx.BertEncoder.v1")
     model = build(name=str(tiny_bert_dir))

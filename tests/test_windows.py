@@ -8,8 +8,8 @@ import spacy
 import torch
 
 from spacy_ctx.backends.bert import BertBackend
-from spacy_ctx.layers.batching import pack_by_length
-from spacy_ctx.layers.windows import plan_windows
+from spacy_ctx.backends.batching import pack_by_length
+from spacy_ctx.backends.windows import plan_windows
 
 
 @pytest.mark.parametrize("n", [0, 1, 10, 62, 63, 100, 1000])

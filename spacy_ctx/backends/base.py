@@ -24,53 +24,54 @@ MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class CtxOutput:
     """Encoder output for one Doc, before pooling to tokens.
 
-    ``layers``: (n_layers, n_units, width) tensor, where units are word pieces
-    (BERT) or tokens (ELMo). ``lengths``: units per spaCy token (int32 numpy,
-    summing to n_units); a token can have 0 units.
+    ``layers``: (n_layers, n_pieces, width) tensor. A *piece* is the unit the
+    encoder sees: a word piece (BERT) or a whole token (ELMo).
+    ``piece_counts``: pieces per spaCy token (int32 numpy, summing to n_pieces);
+    a token can have 0 pieces (whitespace).
     """
 
     layers: torch.Tensor
-    lengths: np.ndarray
+    piece_counts: np.ndarray
 
     @property
     def n_tokens(self) -> int:
-        return len(self.lengths)
+        return len(self.piece_counts)
 
     def pool(self, method: str = "mean") -> torch.Tensor:
-        """Pool units to tokens: (n_layers, n_tokens, width); 0-unit tokens get zeros."""
-        return pool_units(self.layers, self.lengths, method)
+        """Pool pieces to tokens: (n_layers, n_tokens, width); 0-piece tokens get zeros."""
+        return pool_pieces(self.layers, self.piece_counts, method)
 
 
-def pool_units(layers: torch.Tensor, lengths: np.ndarray, method: str = "mean") -> torch.Tensor:
-    """Reduce each token's units (dim 1 of ``layers``) to one row per token."""
+def pool_pieces(layers: torch.Tensor, piece_counts: np.ndarray, method: str = "mean") -> torch.Tensor:
+    """Reduce each token's pieces (dim 1 of ``layers``) to one row per token."""
     if method not in POOLING_METHODS:
         raise ConfigError(f"pooling must be one of {POOLING_METHODS}, got {method!r}")
-    n_layers, n_units, width = layers.shape
-    n_tokens = len(lengths)
-    if n_units == n_tokens and bool(np.all(lengths == 1)):
-        return layers  # one unit per token (ELMo, or all single-piece words)
+    n_layers, n_pieces, width = layers.shape
+    n_tokens = len(piece_counts)
+    if n_pieces == n_tokens and bool(np.all(piece_counts == 1)):
+        return layers  # one piece per token (ELMo, or all single-piece words)
     device = layers.device
-    lengths_t = torch.as_tensor(lengths, dtype=torch.long, device=device)
+    counts_t = torch.as_tensor(piece_counts, dtype=torch.long, device=device)
     if method in ("first", "last"):
-        ends = torch.cumsum(lengths_t, 0)
-        starts = ends - lengths_t
-        index = (starts if method == "first" else ends - 1).clamp(min=0, max=max(n_units - 1, 0))
-        if n_units == 0:
+        ends = torch.cumsum(counts_t, 0)
+        starts = ends - counts_t
+        index = (starts if method == "first" else ends - 1).clamp(min=0, max=max(n_pieces - 1, 0))
+        if n_pieces == 0:
             return layers.new_zeros((n_layers, n_tokens, width))
         pooled = layers.index_select(1, index)
-        return pooled * (lengths_t > 0).to(layers.dtype)[None, :, None]
-    token_of_unit = torch.repeat_interleave(torch.arange(n_tokens, device=device), lengths_t)
+        return pooled * (counts_t > 0).to(layers.dtype)[None, :, None]
+    token_of_piece = torch.repeat_interleave(torch.arange(n_tokens, device=device), counts_t)
     if method == "mean":
-        summed = layers.new_zeros((n_layers, n_tokens, width)).index_add(1, token_of_unit, layers)
-        counts = lengths_t.clamp(min=1).to(layers.dtype)
-        return summed / counts[None, :, None]
-    index = token_of_unit[None, :, None].expand(n_layers, n_units, width)
+        summed = layers.new_zeros((n_layers, n_tokens, width)).index_add(1, token_of_piece, layers)
+        divisors = counts_t.clamp(min=1).to(layers.dtype)
+        return summed / divisors[None, :, None]
+    index = token_of_piece[None, :, None].expand(n_layers, n_pieces, width)
     pooled = layers.new_full((n_layers, n_tokens, width), float("-inf"))
     pooled = pooled.scatter_reduce(1, index, layers, reduce="amax", include_self=True)
     return torch.where(torch.isinf(pooled), torch.zeros_like(pooled), pooled)
 
 
-class EncoderBackend(nn.Module):
+class Backend(nn.Module):
     """Base class: an encoder plus the input preparation of its family.
 
     Subclasses set ``family`` and implement :meth:`encode_docs`,
@@ -119,7 +120,7 @@ class EncoderBackend(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_files(cls, path: Path, settings: Dict) -> "EncoderBackend":
+    def from_files(cls, path: Path, settings: Dict) -> "Backend":
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------
@@ -148,18 +149,18 @@ class EncoderBackend(nn.Module):
         (path / BACKEND_FILE).write_text(json.dumps(meta, indent=2), encoding="utf8")
 
 
-_BACKENDS: Dict[str, Type[EncoderBackend]] = {}
+_BACKENDS: Dict[str, Type[Backend]] = {}
 _FAMILY_MODULES = {"bert": ".bert", "elmo": ".elmo"}
 
 
-def register_backend(cls: Type[EncoderBackend]) -> Type[EncoderBackend]:
+def register_backend(cls: Type[Backend]) -> Type[Backend]:
     """Class decorator: make a backend family loadable by :func:`load_backend`."""
     _BACKENDS[cls.family] = cls
     return cls
 
 
-def load_backend(path: Union[str, Path]) -> EncoderBackend:
-    """Load a backend saved with :meth:`EncoderBackend.save`."""
+def load_backend(path: Union[str, Path]) -> Backend:
+    """Load a backend saved with :meth:`Backend.save`."""
     path = Path(path)
     meta_path = path / BACKEND_FILE
     try:

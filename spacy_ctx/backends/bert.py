@@ -12,16 +12,16 @@ import torch
 from ..encoders.bert import BertEncoder
 from ..encoders.bert_checkpoint import load_bert_encoder
 from ..errors import ConfigError
-from ..layers.batching import pack_by_length
-from ..layers.windows import OVERLAP_MODES, WindowPlan, plan_windows
-from ..pieces.wordpiece import WordPieceEncoder
-from .base import CtxOutput, EncoderBackend, register_backend
+from .batching import pack_by_length
+from .windows import OVERLAP_MODES, WindowPlan, plan_windows
+from ..pieces.wordpiece import WordPieceTokenizer
+from .base import CtxOutput, Backend, register_backend
 
 N_SPECIALS = 2  # [CLS] ... [SEP] around every window
 
 
 @register_backend
-class BertBackend(EncoderBackend):
+class BertBackend(Backend):
     """A :class:`BertEncoder` with its WordPiece tokenizer and windowing settings.
 
     window: pieces per window without the specials (default: the model's maximum
@@ -34,7 +34,7 @@ class BertBackend(EncoderBackend):
     def __init__(
         self,
         encoder: BertEncoder,
-        pieces: WordPieceEncoder,
+        pieces: WordPieceTokenizer,
         *,
         name: str,
         window: Optional[int] = None,
@@ -102,8 +102,8 @@ class BertBackend(EncoderBackend):
         for (d, _, _), result in zip(windows, results):
             per_doc[d].append(result)
         outputs = []
-        for (_, counts), plan, doc_windows in zip(encoded, plans, per_doc):
-            outputs.append(CtxOutput(self._stitch(plan, doc_windows, len(keep)), counts))
+        for (_, piece_counts), plan, doc_windows in zip(encoded, plans, per_doc):
+            outputs.append(CtxOutput(self._stitch(plan, doc_windows, len(keep)), piece_counts))
         return outputs
 
     def _encode_windows(
@@ -158,7 +158,7 @@ class BertBackend(EncoderBackend):
     @classmethod
     def from_files(cls, path: Path, settings: Dict) -> "BertBackend":
         _, encoder = load_bert_encoder(path)
-        return cls(encoder, WordPieceEncoder.from_dir(path), **settings)
+        return cls(encoder, WordPieceTokenizer.from_dir(path), **settings)
 
     @classmethod
     def from_pretrained(
@@ -173,7 +173,7 @@ class BertBackend(EncoderBackend):
     ) -> "BertBackend":
         """Load from a Hugging Face-format checkpoint directory."""
         _, encoder = load_bert_encoder(model_dir)
-        pieces = WordPieceEncoder.from_pretrained_dir(model_dir)
+        pieces = WordPieceTokenizer.from_pretrained_dir(model_dir)
         return cls(
             encoder,
             pieces,

@@ -11,15 +11,15 @@ import torch
 from ..encoders.elmo import ElmoBiLM, WordEmbeddingCache
 from ..encoders.elmo_checkpoint import load_elmo_safetensors, save_elmo_options, save_elmo_safetensors
 from ..errors import ConfigError
-from ..layers.batching import pack_by_length
-from .base import CtxOutput, EncoderBackend, register_backend
+from .batching import pack_by_length
+from .base import CtxOutput, Backend, register_backend
 
 WEIGHTS_FILE = "model.safetensors"
 N_BOUNDARIES = 2  # <S> and </S>, added inside the model
 
 
 @register_backend
-class ElmoBackend(EncoderBackend):
+class ElmoBackend(Backend):
     """An :class:`ElmoBiLM` run per sentence.
 
     Docs with sentence boundaries are encoded sentence by sentence; others in
@@ -82,9 +82,9 @@ class ElmoBackend(EncoderBackend):
         keep = list(range(len(self.layer_names))) if keep_layers is None else list(keep_layers)
         # (doc index, words) for every segment, in doc order.
         segments: List[Tuple[int, List[str]]] = []
-        lengths_per_doc = []
+        counts_per_doc = []
         for d, doc in enumerate(docs):
-            lengths_per_doc.append(np.array([0 if t.is_space else 1 for t in doc], dtype=np.int32))
+            counts_per_doc.append(np.array([0 if t.is_space else 1 for t in doc], dtype=np.int32))
             for indices in self._segments(doc):
                 segments.append((d, [doc[i].text for i in indices]))
         # Cached rows carry no gradient, so the cache only serves gradient-free runs.
@@ -101,12 +101,12 @@ class ElmoBackend(EncoderBackend):
         for (d, _), result in zip(segments, results):
             per_doc[d].append(result)
         outputs = []
-        for parts, lengths in zip(per_doc, lengths_per_doc):
+        for parts, piece_counts in zip(per_doc, counts_per_doc):
             if parts:
                 stacked = torch.cat(parts, dim=1)
             else:
                 stacked = torch.zeros((len(keep), 0, self.width), device=self.device)
-            outputs.append(CtxOutput(stacked, lengths))
+            outputs.append(CtxOutput(stacked, piece_counts))
         return outputs
 
     def weights_changed(self) -> None:

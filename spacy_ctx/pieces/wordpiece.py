@@ -23,7 +23,7 @@ TOKENIZER_FILE = "tokenizer.json"
 SETTINGS_FILE = "pieces.json"
 
 
-class WordPieceEncoder:
+class WordPieceTokenizer:
     """Encode pre-split words to piece ids; specials are added by the windowing code."""
 
     def __init__(
@@ -90,13 +90,13 @@ class WordPieceEncoder:
                 ids, word_ids = ids[keep], word_ids[keep]
             if len(word_ids) and np.any(np.diff(word_ids) < 0):
                 raise RuntimeError("WordPiece output is not in word order; cannot align.")
-            counts = np.bincount(word_ids, minlength=len(docs_words[i])).astype(np.int32)
-            results[i] = (ids, counts)
+            piece_counts = np.bincount(word_ids, minlength=len(docs_words[i])).astype(np.int32)
+            results[i] = (ids, piece_counts)
         return results
 
     # -- loading and saving -------------------------------------------------
     @classmethod
-    def from_pretrained_dir(cls, model_dir: Union[str, Path]) -> "WordPieceEncoder":
+    def from_pretrained_dir(cls, model_dir: Union[str, Path]) -> "WordPieceTokenizer":
         """Load from a Hugging Face checkpoint dir (``tokenizer.json`` or ``vocab.txt``).
 
         ``tokenizer_config.json`` settings (``do_lower_case``, ``strip_accents``,
@@ -131,7 +131,7 @@ class WordPieceEncoder:
         (path / SETTINGS_FILE).write_text(json.dumps(self.special_tokens, indent=2), "utf8")
 
     @classmethod
-    def from_dir(cls, path: Union[str, Path]) -> "WordPieceEncoder":
+    def from_dir(cls, path: Union[str, Path]) -> "WordPieceTokenizer":
         """Read what :meth:`to_dir` wrote."""
         path = Path(path)
         specials = _read_json(path / SETTINGS_FILE)

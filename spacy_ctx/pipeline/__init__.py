@@ -1,5 +1,5 @@
 """spaCy components."""
 
-from .component import ContextualEncoder
+from .component import CtxComponent
 
-__all__ = ["ContextualEncoder"]
+__all__ = ["CtxComponent"]

@@ -1,4 +1,4 @@
-"""``ContextualEncoder``: the one spaCy component class behind ``ctx_bert`` and ``ctx_elmo``."""
+"""``CtxComponent``: the one spaCy component class behind ``ctx_bert`` and ``ctx_elmo``."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ from spacy.training import validate_examples
 from ..backends import CtxOutput, load_backend
 from ..doc_data import CtxData, install_vector_hooks
 from ..errors import ConfigError
-from ..layers.encoder import (
+from ..thinc_layers.backend_layer import (
     backend_from_bytes,
     backend_to_bytes,
     ensure_backend,
     get_backend,
     set_backend,
 )
-from ..layers.listeners import LAYERS_ALL, get_batch_id, is_listener
+from ..thinc_layers.listeners import LAYERS_ALL, get_batch_id, is_listener
 from .feature_cache import FeatureCache, doc_key
 
 STORE_MODES = ("none", "last", "all")
@@ -36,7 +36,7 @@ STORE_DTYPES = ("float32", "float16")
 ENCODER_DIR = "encoder"
 
 
-class ContextualEncoder(TrainablePipe):
+class CtxComponent(TrainablePipe):
     """Runs a contextual encoder over Docs and stores token-aligned layers on them.
 
     The model is a ``Model[List[Doc], List[CtxOutput]]`` built by a registered
@@ -133,7 +133,7 @@ class ContextualEncoder(TrainablePipe):
 
     def _set_replace_listener_hooks(self) -> None:
         """Tell ``nlp.replace_listeners`` how to make a listener standalone."""
-        from ..layers.listeners import build_standalone
+        from ..thinc_layers.listeners import build_standalone
 
         def replace_listener(encoder_copy: Model, listener: Model, component: Any) -> Model:
             return build_standalone(encoder_copy, listener.layers[0])
@@ -231,12 +231,12 @@ class ContextualEncoder(TrainablePipe):
         model_name = ensure_backend(self.model).name
         for doc, output in zip(docs, outputs):
             layers = output.layers if self.cfg["store"] == "all" else output.layers[-1:]
-            pooled = CtxOutput(layers, output.lengths).pool("mean")
+            pooled = CtxOutput(layers, output.piece_counts).pool("mean")
             doc._.ctx = CtxData(
                 layers=pooled.float().cpu().numpy().astype(dtype, copy=False),
                 layer_names=list(stored_names),
                 model_name=model_name,
-                piece_counts=np.asarray(output.lengths, dtype=np.int32),
+                piece_counts=np.asarray(output.piece_counts, dtype=np.int32),
                 vector_mode=self.cfg["vector_mode"],
             )
             if self.cfg["vector_hooks"]:
@@ -274,7 +274,7 @@ class ContextualEncoder(TrainablePipe):
             losses = {}
         losses.setdefault(self.name, 0.0)
         examples = list(examples)
-        validate_examples(examples, "ContextualEncoder.update")
+        validate_examples(examples, "CtxComponent.update")
         docs = [eg.predicted for eg in examples]
         self._flush_gradients()
         listeners = self.listeners
@@ -347,7 +347,7 @@ class ContextualEncoder(TrainablePipe):
 
     def from_disk(
         self, path: Union[str, Path], *, exclude: Iterable[str] = tuple()
-    ) -> "ContextualEncoder":
+    ) -> "CtxComponent":
         path = ensure_path(path)
         set_backend(self.model, load_backend(path / ENCODER_DIR))
         self.feature_cache.clear()
@@ -356,7 +356,7 @@ class ContextualEncoder(TrainablePipe):
     def to_bytes(self, *, exclude: Iterable[str] = tuple()) -> bytes:
         return srsly.msgpack_dumps({"encoder": backend_to_bytes(ensure_backend(self.model))})
 
-    def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = tuple()) -> "ContextualEncoder":
+    def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = tuple()) -> "CtxComponent":
         data = srsly.msgpack_loads(bytes_data)
         set_backend(self.model, backend_from_bytes(data["encoder"]))
         self.feature_cache.clear()

@@ -7,7 +7,7 @@ from typing import Optional
 from spacy.language import Language
 from thinc.api import Model, Optimizer
 
-from .component import ContextualEncoder
+from .component import CtxComponent
 
 DEFAULT_BERT_MODEL = {
     "@architectures": "spacy_ctx.BertEncoder.v1",
@@ -44,7 +44,7 @@ def make_ctx_bert(
     max_batch_tokens: int,
     feature_cache_mb: float,
     optimizer: Optional[Optimizer],
-) -> ContextualEncoder:
+) -> CtxComponent:
     """A BERT-family encoder whose layers, pooled to tokens, land on ``doc._.ctx``.
 
     model: a ``spacy_ctx.BertEncoder.v1`` block (checkpoint ``name``, windowing,
@@ -59,7 +59,7 @@ def make_ctx_bert(
         rate than the task heads); None uses the training optimizer.
     """
     settings = dict(locals())  # the factory arguments, passed on by name
-    return ContextualEncoder(settings.pop("nlp").vocab, vector_mode="last", **settings)
+    return CtxComponent(settings.pop("nlp").vocab, vector_mode="last", **settings)
 
 
 DEFAULT_ELMO_MODEL = {
@@ -98,11 +98,11 @@ def make_ctx_elmo(
     max_batch_tokens: int,
     feature_cache_mb: float,
     optimizer: Optional[Optimizer],
-) -> ContextualEncoder:
+) -> CtxComponent:
     """An ELMo biLM whose three layers (token, lstm_1, lstm_2) land on ``doc._.ctx``.
 
     Same settings as ``ctx_bert``; frozen by default. Token vectors are the average
     of the stored layers. max_batch_tokens counts padded tokens per batch.
     """
     settings = dict(locals())  # the factory arguments, passed on by name
-    return ContextualEncoder(settings.pop("nlp").vocab, vector_mode="mean", **settings)
+    return CtxComponent(settings.pop("nlp").vocab, vector_mode="mean", **settings)

@@ -50,8 +50,8 @@ class FeatureCache:
             return None
         self.hits += 1
         self._entries.move_to_end(key)
-        layers, lengths = entry
-        return CtxOutput(layers.to(device), lengths)
+        layers, piece_counts = entry
+        return CtxOutput(layers.to(device), piece_counts)
 
     def put(self, key: bytes, output: CtxOutput) -> None:
         if not self.enabled or key in self._entries:
@@ -60,7 +60,7 @@ class FeatureCache:
         size = layers.numel() * layers.element_size()
         if size > self.max_bytes:
             return
-        self._entries[key] = (layers, output.lengths)
+        self._entries[key] = (layers, output.piece_counts)
         self.n_bytes += size
         while self.n_bytes > self.max_bytes:
             _, (old, _) = self._entries.popitem(last=False)

@@ -23,10 +23,10 @@ from thinc.api import Model, PyTorchGradScaler, PyTorchShim
 from thinc.backends import CupyOps
 from thinc.util import xp2torch
 
-from ..backends import CtxOutput, EncoderBackend, load_backend
+from ..backends import CtxOutput, Backend, load_backend
 from ..errors import ConfigError
 
-BackendLoader = Callable[[], EncoderBackend]
+BackendLoader = Callable[[], Backend]
 
 
 def _one_torch_thread_after_fork() -> None:
@@ -38,7 +38,7 @@ def _one_torch_thread_after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_one_torch_thread_after_fork)
 
-CtxEncoderModel = Model[List[Doc], List[CtxOutput]]
+BackendLayer = Model[List[Doc], List[CtxOutput]]
 
 
 class BackendShim(PyTorchShim):
@@ -54,9 +54,9 @@ class BackendShim(PyTorchShim):
         return super().to_bytes()
 
 
-def build_ctx_encoder(
+def build_backend_layer(
     loader: BackendLoader, *, device: Optional[str] = None, max_batch_tokens: int = 4096
-) -> CtxEncoderModel:
+) -> BackendLayer:
     """Wrap a lazily loaded backend as a Thinc model.
 
     device: torch device for the encoder (``"cuda:0"``...); None follows the
@@ -90,12 +90,12 @@ def build_ctx_encoder(
     )
 
 
-def get_backend(model: CtxEncoderModel) -> Optional[EncoderBackend]:
+def get_backend(model: BackendLayer) -> Optional[Backend]:
     """The loaded backend, or None before loading."""
     return model.shims[0]._model
 
 
-def ensure_backend(model: CtxEncoderModel) -> EncoderBackend:
+def ensure_backend(model: BackendLayer) -> Backend:
     """Return the backend, loading the weights named in the config if needed."""
     backend = get_backend(model)
     if backend is None:
@@ -106,7 +106,7 @@ def ensure_backend(model: CtxEncoderModel) -> EncoderBackend:
     return backend  # type: ignore[return-value]
 
 
-def set_backend(model: CtxEncoderModel, backend: EncoderBackend) -> None:
+def set_backend(model: BackendLayer, backend: Backend) -> None:
     """Install a backend, on the configured device, in place of any previous one."""
     backend.eval()
     shim: PyTorchShim = model.shims[0]
@@ -118,14 +118,14 @@ def set_backend(model: CtxEncoderModel, backend: EncoderBackend) -> None:
     shim._grad_scaler.to_(device)
 
 
-def _follow_device(model: CtxEncoderModel, backend: EncoderBackend) -> None:
+def _follow_device(model: BackendLayer, backend: Backend) -> None:
     # Deserialized backends arrive on Thinc's default device; honour the setting.
     device = _torch_device(model)
     if backend.device != device and backend.device.type != device.type:
         set_backend(model, backend)
 
 
-def _torch_device(model: CtxEncoderModel) -> torch.device:
+def _torch_device(model: BackendLayer) -> torch.device:
     if model.attrs["device"] is not None:
         return torch.device(model.attrs["device"])
     if isinstance(model.ops, CupyOps):
@@ -133,12 +133,12 @@ def _torch_device(model: CtxEncoderModel) -> torch.device:
     return torch.device("cpu")
 
 
-def init(model: CtxEncoderModel, X: Optional[List[Doc]] = None, Y=None) -> None:
+def init(model: BackendLayer, X: Optional[List[Doc]] = None, Y=None) -> None:
     ensure_backend(model)
 
 
 def forward(
-    model: CtxEncoderModel, docs: List[Doc], is_train: bool
+    model: BackendLayer, docs: List[Doc], is_train: bool
 ) -> Tuple[List[CtxOutput], Callable]:
     backend = ensure_backend(model)
     track_grads = is_train and model.attrs["trainable"]
@@ -177,7 +177,7 @@ def forward(
     return outputs, backprop
 
 
-def _serialize_backend(backend: EncoderBackend) -> bytes:
+def _serialize_backend(backend: Backend) -> bytes:
     """All backend files in one msgpack blob (used by Model.to_bytes and copies)."""
     with tempfile.TemporaryDirectory() as tmp:
         backend.save(tmp)
@@ -185,7 +185,7 @@ def _serialize_backend(backend: EncoderBackend) -> bytes:
     return srsly.msgpack_dumps(files)
 
 
-def _deserialize_backend(_old, data: bytes, device: torch.device) -> Optional[EncoderBackend]:
+def _deserialize_backend(_old, data: bytes, device: torch.device) -> Optional[Backend]:
     if not data:
         return None  # the model had not been loaded when it was saved
     files = srsly.msgpack_loads(data)
@@ -198,9 +198,9 @@ def _deserialize_backend(_old, data: bytes, device: torch.device) -> Optional[En
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def backend_to_bytes(backend: EncoderBackend) -> bytes:
+def backend_to_bytes(backend: Backend) -> bytes:
     return _serialize_backend(backend)
 
 
-def backend_from_bytes(data: bytes) -> EncoderBackend:
+def backend_from_bytes(data: bytes) -> Backend:
     return _deserialize_backend(None, data, torch.device("cpu"))

@@ -2,7 +2,7 @@
 
 A listener is ``Model[List[Doc], List[Floats2d]]`` (one row per spaCy token) made of
 
-* a *receiver*: the upstream ``ContextualEncoder`` runs once per batch and hands
+* a *receiver*: the upstream ``CtxComponent`` runs once per batch and hands
   every listener its outputs and a gradient callback (:meth:`ListenerLink.receive`);
   when nothing was received (initialization, prediction outside the pipeline, or
   an encoder excluded from updates) the listener asks the component to encode
@@ -225,11 +225,11 @@ def head_forward(
     else:
         units = [_to_xp(model, o.layers[-1]) for o in outputs]
         backprop_mix = None
-    lengths = [model.ops.asarray1i(o.lengths) for o in outputs]
+    piece_counts = [model.ops.asarray1i(o.piece_counts) for o in outputs]
     width = shapes[0][2] if shapes else 0
     flat = model.ops.xp.concatenate(units) if units else model.ops.alloc2f(0, width)
-    Y_flat, backprop_pool = pool(Ragged(flat, model.ops.xp.concatenate(lengths)), is_train)
-    n_tokens = [len(o.lengths) for o in outputs]
+    Y_flat, backprop_pool = pool(Ragged(flat, model.ops.xp.concatenate(piece_counts)), is_train)
+    n_tokens = [len(o.piece_counts) for o in outputs]
     splits = np.cumsum(n_tokens)[:-1].tolist()
     Ys = model.ops.xp.split(Y_flat, splits) if outputs else []
 
