@@ -18,7 +18,7 @@ from thinc.api import Model, Optimizer
 
 from spacy.training import validate_examples
 
-from ..backends import CtxOutput, load_backend
+from ..backends import Backend, CtxOutput, load_backend
 from ..doc_data import CtxData, install_vector_hooks
 from ..errors import ConfigError
 from ..thinc_layers.backend_layer import (
@@ -150,14 +150,19 @@ class CtxComponent(TrainablePipe):
 
     # -- encoding ------------------------------------------------------------------------------
     @property
+    def backend(self) -> Backend:
+        """The encoder backend (loads the weights named in the config if needed)."""
+        return ensure_backend(self.model)
+
+    @property
     def layer_names(self) -> List[str]:
         """Names of all encoder layers (loads the weights if needed)."""
-        return ensure_backend(self.model).layer_names
+        return self.backend.layer_names
 
     @property
     def width(self) -> int:
         """Width of every encoder layer (loads the weights if needed)."""
-        return ensure_backend(self.model).width
+        return self.backend.width
 
     def _keep_layers(self, *, for_store: bool, for_listeners: bool) -> Optional[List[int]]:
         """Layer indices to compute (None = all), given who consumes them."""
@@ -190,7 +195,7 @@ class CtxComponent(TrainablePipe):
         """
         use_cache = self.feature_cache.enabled and self.cfg["frozen"]
         keys = [doc_key(doc, keep) for doc in docs] if use_cache else []
-        device = ensure_backend(self.model).device
+        device = self.backend.device
         outputs: List[Optional[CtxOutput]] = (
             [self.feature_cache.get(k, device) for k in keys] if use_cache else [None] * len(docs)
         )
@@ -228,7 +233,7 @@ class CtxComponent(TrainablePipe):
         names = self.layer_names
         stored_names = names if self.cfg["store"] == "all" else names[-1:]
         dtype = np.dtype(self.cfg["store_dtype"])
-        model_name = ensure_backend(self.model).name
+        model_name = self.backend.name
         for doc, output in zip(docs, outputs):
             layers = output.layers if self.cfg["store"] == "all" else output.layers[-1:]
             pooled = CtxOutput(layers, output.piece_counts).pool("mean")
@@ -326,7 +331,7 @@ class CtxComponent(TrainablePipe):
         self.model.finish_update(optimizer)
         if self.optimizer is not None:
             self.optimizer.step_schedules()
-        ensure_backend(self.model).weights_changed()
+        self.backend.weights_changed()
 
     def get_loss(self, examples, scores):
         raise NotImplementedError("The encoder has no loss of its own; listeners provide it.")
@@ -343,7 +348,7 @@ class CtxComponent(TrainablePipe):
         encoder_dir = path / ENCODER_DIR
         if encoder_dir.exists():
             shutil.rmtree(encoder_dir)
-        ensure_backend(self.model).save(encoder_dir)
+        self.backend.save(encoder_dir)
 
     def from_disk(
         self, path: Union[str, Path], *, exclude: Iterable[str] = tuple()
@@ -354,7 +359,7 @@ class CtxComponent(TrainablePipe):
         return self
 
     def to_bytes(self, *, exclude: Iterable[str] = tuple()) -> bytes:
-        return srsly.msgpack_dumps({"encoder": backend_to_bytes(ensure_backend(self.model))})
+        return srsly.msgpack_dumps({"encoder": backend_to_bytes(self.backend)})
 
     def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = tuple()) -> "CtxComponent":
         data = srsly.msgpack_loads(bytes_data)
