@@ -137,11 +137,18 @@ def build_scalar_mix_listener(
 
 
 def build_standalone_encoder(
-    *, encoder: Model[List[Doc], List[CtxOutput]], listener: Model[List[Doc], List[Floats2d]]
+    *,
+    encoder: Model[List[Doc], List[CtxOutput]],
+    listener: Model[List[Doc], List[Floats2d]],
+    frozen: bool = False,
+    max_batch_tokens: int = 4096,
 ) -> Model[List[Doc], List[Floats2d]]:
     """``spacy_ctx.StandaloneEncoder.v1``: an encoder with a listener's head, as one model.
 
     Written into configs by ``nlp.replace_listeners``; the component then owns its
-    own copy of the encoder.
+    own copy of the encoder. frozen, max_batch_tokens: the settings of the encoder
+    component it was copied from (no gradients into a frozen encoder).
     """
-    return build_standalone(encoder, listener.layers[0])
+    return build_standalone(
+        encoder, listener.layers[0], frozen=frozen, max_batch_tokens=max_batch_tokens
+    )

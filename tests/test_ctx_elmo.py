@@ -295,7 +295,7 @@ def test_small_max_batch_tokens_equals_one_by_one(
 ) -> None:
     small = make_nlp(tiny_files, sentencizer=True, max_batch_tokens=16)
     default = make_nlp(tiny_files, sentencizer=True)
-    assert small.get_pipe("ctx_elmo").model.attrs["max_batch_tokens"] == 16
+    assert small.get_pipe("ctx_elmo").cfg["max_batch_tokens"] == 16
     texts = TEXTS + ["", "   ", "One more. And another one here, longer than sixteen tokens in total."]
     one_by_one = [layers_of(default(text)) for text in texts]
 

@@ -22,13 +22,15 @@ from ..backends import Backend, CtxOutput, load_backend
 from ..doc_data import CtxData, install_vector_hooks
 from ..errors import ConfigError
 from ..thinc_layers.backend_layer import (
+    GradMode,
     backend_from_bytes,
     backend_to_bytes,
     ensure_backend,
     get_backend,
+    run_backend,
     set_backend,
 )
-from ..thinc_layers.listeners import LAYERS_ALL, get_batch_id, is_listener
+from ..thinc_layers.listeners import LAYERS_ALL, build_standalone, get_batch_id, is_listener
 from .feature_cache import FeatureCache, doc_key
 
 STORE_MODES = ("none", "last", "all")
@@ -93,8 +95,6 @@ class CtxComponent(TrainablePipe):
         self.optimizer = optimizer
         self.feature_cache = FeatureCache(feature_cache_mb)
         self._pending_backprop: Optional[Callable] = None
-        model.attrs["max_batch_tokens"] = int(max_batch_tokens)
-        model.attrs["trainable"] = not frozen
         self._set_replace_listener_hooks()
 
     # -- listeners -------------------------------------------------------------------------
@@ -132,17 +132,22 @@ class CtxComponent(TrainablePipe):
                 self.add_listener(node, component.name)
 
     def _set_replace_listener_hooks(self) -> None:
-        """Tell ``nlp.replace_listeners`` how to make a listener standalone."""
-        from ..thinc_layers.listeners import build_standalone
+        """Tell ``nlp.replace_listeners`` how to make a listener standalone.
+
+        The standalone copy takes this component's ``frozen`` and
+        ``max_batch_tokens`` settings, as arguments and in its config.
+        """
+        settings = {"frozen": self.cfg["frozen"], "max_batch_tokens": self.cfg["max_batch_tokens"]}
 
         def replace_listener(encoder_copy: Model, listener: Model, component: Any) -> Model:
-            return build_standalone(encoder_copy, listener.layers[0])
+            return build_standalone(encoder_copy, listener.layers[0], **settings)
 
         def replace_listener_cfg(encoder_cfg: Dict, listener_cfg: Dict) -> Dict:
             return {
                 "@architectures": "spacy_ctx.StandaloneEncoder.v1",
                 "encoder": encoder_cfg,
                 "listener": listener_cfg,
+                **settings,
             }
 
         self.model.attrs["replace_listener"] = replace_listener
@@ -179,14 +184,10 @@ class CtxComponent(TrainablePipe):
     def _tracks_grads(self) -> bool:
         return not self.cfg["frozen"] and any(l.attrs["grad_factor"] != 0 for l in self.listeners)
 
-    def _encode(self, docs: List[Doc], keep: Optional[List[int]], is_train: bool):
-        self.model.attrs["keep_layers"] = keep
-        try:
-            if is_train:
-                return self.model.begin_update(docs)
-            return self.model.predict(docs), None
-        finally:
-            self.model.attrs["keep_layers"] = None
+    def _encode(self, docs: List[Doc], keep: Optional[List[int]], mode: GradMode):
+        return run_backend(
+            self.model, docs, mode=mode, layers=keep, max_batch_tokens=self.cfg["max_batch_tokens"]
+        )
 
     def _encode_without_grads(self, docs: List[Doc], keep: Optional[List[int]]) -> List[CtxOutput]:
         """Encode for training without autograd, through the feature cache.
@@ -201,11 +202,7 @@ class CtxComponent(TrainablePipe):
         )
         missing = [i for i, o in enumerate(outputs) if o is None]
         if missing:
-            self.model.attrs["trainable"] = False
-            try:
-                fresh, _ = self._encode([docs[i] for i in missing], keep, is_train=True)
-            finally:
-                self.model.attrs["trainable"] = not self.cfg["frozen"]
+            fresh, _ = self._encode([docs[i] for i in missing], keep, GradMode.FROZEN)
             for i, output in zip(missing, fresh):
                 outputs[i] = output
                 if use_cache:
@@ -222,7 +219,7 @@ class CtxComponent(TrainablePipe):
         keep = self._keep_layers(for_store=True, for_listeners=True)
         if keep == []:
             return [None] * len(docs)
-        outputs, _ = self._encode(docs, keep, is_train=False)
+        outputs, _ = self._encode(docs, keep, GradMode.PREDICT)
         for listener in self.listeners:  # downstream components reuse this pass
             listener.attrs["link"].receive_prediction(docs, outputs)
         return outputs
@@ -287,7 +284,7 @@ class CtxComponent(TrainablePipe):
             return losses
         keep = self._keep_layers(for_store=False, for_listeners=True)
         if self._tracks_grads():
-            outputs, backprop = self._encode(docs, keep, is_train=True)
+            outputs, backprop = self._encode(docs, keep, GradMode.TRAIN)
         else:
             outputs, backprop = self._encode_without_grads(docs, keep), None
         batch_id = get_batch_id(docs)

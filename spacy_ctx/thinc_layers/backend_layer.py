@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -27,6 +29,12 @@ from ..backends import CtxOutput, Backend, load_backend
 from ..errors import ConfigError
 
 BackendLoader = Callable[[], Backend]
+# Layer indices to return: None = all; [] = none.
+LayerSelection = Optional[Sequence[int]]
+DEFAULT_MAX_BATCH_TOKENS = 4096
+# One lock for first loads: a module-level lock survives deepcopy and serialization
+# of the Thinc model (an attr would not), and loads are rare.
+_LOAD_LOCK = threading.RLock()
 
 
 def _one_torch_thread_after_fork() -> None:
@@ -54,13 +62,13 @@ class BackendShim(PyTorchShim):
         return super().to_bytes()
 
 
-def build_backend_layer(
-    loader: BackendLoader, *, device: Optional[str] = None, max_batch_tokens: int = 4096
-) -> BackendLayer:
+def build_backend_layer(loader: BackendLoader, *, device: Optional[str] = None) -> BackendLayer:
     """Wrap a lazily loaded backend as a Thinc model.
 
     device: torch device for the encoder (``"cuda:0"``...); None follows the
-    Thinc ops (CUDA when spaCy's GPU is active, else CPU).
+    Thinc ops (CUDA when spaCy's GPU is active, else CPU). The attrs hold only
+    these construction-time settings; per-call settings (which layers, whether
+    to track gradients, the batch budget) are arguments of :func:`run_backend`.
     """
     if device is not None:
         try:
@@ -74,18 +82,13 @@ def build_backend_layer(
         deserialize_model=_deserialize_backend,
     )
     return Model(
-        "ctx_encoder",
+        "ctx_backend",
         forward,
         init=init,
         shims=[shim],
         attrs={
             "loader": loader,  # a function: Thinc skips it when serializing
             "device": device,
-            "max_batch_tokens": max_batch_tokens,
-            # Layer indices to return; None = all. Set by the component per call.
-            "keep_layers": None,
-            # When False, training runs without autograd (a frozen encoder).
-            "trainable": True,
         },
     )
 
@@ -96,11 +99,17 @@ def get_backend(model: BackendLayer) -> Optional[Backend]:
 
 
 def ensure_backend(model: BackendLayer) -> Backend:
-    """Return the backend, loading the weights named in the config if needed."""
+    """Return the backend, loading the weights named in the config if needed.
+
+    Thread-safe: threads that make the first call at once load the weights once.
+    """
     backend = get_backend(model)
     if backend is None:
-        set_backend(model, model.attrs["loader"]())
-        backend = get_backend(model)
+        with _LOAD_LOCK:
+            backend = get_backend(model)
+            if backend is None:
+                set_backend(model, model.attrs["loader"]())
+                backend = get_backend(model)
     else:
         _follow_device(model, backend)
     return backend  # type: ignore[return-value]
@@ -137,26 +146,42 @@ def init(model: BackendLayer, X: Optional[List[Doc]] = None, Y=None) -> None:
     ensure_backend(model)
 
 
-def forward(
-    model: BackendLayer, docs: List[Doc], is_train: bool
+class GradMode(str, Enum):
+    """How an encoding pass treats autograd."""
+
+    TRAIN = "train"  # gradients into the encoder weights
+    FROZEN = "frozen"  # training step without gradients (frozen encoder, or grad_factor 0)
+    PREDICT = "predict"  # inference: cheapest, tensors never join an autograd graph
+
+
+def run_backend(
+    model: BackendLayer,
+    docs: List[Doc],
+    *,
+    mode: GradMode,
+    layers: LayerSelection = None,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
 ) -> Tuple[List[CtxOutput], Callable]:
+    """Encode Docs with the layer's backend; returns outputs and a backprop callback.
+
+    layers: indices of the layers to return (None: all). The callback takes one
+    gradient per Doc, shaped like ``outputs[i].layers`` (torch, numpy or cupy),
+    and is a no-op unless ``mode`` is ``GradMode.TRAIN``.
+    """
     backend = ensure_backend(model)
-    track_grads = is_train and model.attrs["trainable"]
+    track_grads = mode == GradMode.TRAIN
     backend.train(track_grads)
     # inference_mode is the cheapest at prediction time; frozen training uses no_grad
     # because inference tensors could not later take part in a listener's autograd graph.
-    grad_context = (
-        torch.enable_grad() if track_grads else torch.no_grad() if is_train else torch.inference_mode()
-    )
-    with grad_context:
-        outputs = backend.encode_docs(
-            docs,
-            max_batch_tokens=model.attrs["max_batch_tokens"],
-            keep_layers=model.attrs["keep_layers"],
-        )
+    grad_context = {
+        GradMode.TRAIN: torch.enable_grad,
+        GradMode.FROZEN: torch.no_grad,
+        GradMode.PREDICT: torch.inference_mode,
+    }[mode]
+    with grad_context():
+        outputs = backend.encode_docs(docs, max_batch_tokens=max_batch_tokens, keep_layers=layers)
 
     def backprop(d_outputs: Sequence[Any]) -> List[Doc]:
-        """Gradients per Doc, shaped like ``outputs[i].layers`` (torch, numpy or cupy)."""
         if not track_grads:
             return []
         tensors, grads = [], []
@@ -175,6 +200,11 @@ def forward(
         return []
 
     return outputs, backprop
+
+
+def forward(model: BackendLayer, docs: List[Doc], is_train: bool) -> Tuple[List[CtxOutput], Callable]:
+    """Thinc forward with the defaults: every layer, gradients when training."""
+    return run_backend(model, docs, mode=GradMode.TRAIN if is_train else GradMode.PREDICT)
 
 
 def _serialize_backend(backend: Backend) -> bytes:

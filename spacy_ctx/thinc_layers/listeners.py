@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from spacy.errors import Errors
 from spacy.tokens import Doc
-from thinc.api import Model, Ragged, deserialize_attr, serialize_attr
+from thinc.api import Model, Ragged, chain, deserialize_attr, serialize_attr
 from thinc.backends import CupyOps
 from thinc.types import Floats2d, Floats3d
 from thinc.util import torch2xp
 
 from ..backends import CtxOutput
+from .backend_layer import DEFAULT_MAX_BATCH_TOKENS, GradMode, run_backend
 
 LISTENER_NAME = "ctx_listener"
 LAYERS_LAST = "last"
@@ -203,13 +204,14 @@ def build_head(
     return Model(
         "ctx_listener_head",
         head_forward,
-        init=head_init,
+        init=init_sublayers,
         layers=layers,
         attrs={"layers_needed": LAYERS_ALL if mix is not None else LAYERS_LAST},
     )
 
 
-def head_init(model: Model, X=None, Y=None) -> None:
+def init_sublayers(model: Model, X=None, Y=None) -> None:
+    """Initialize every sub-layer (Thinc's default init does not recurse)."""
     for layer in model.layers:
         layer.initialize()
 
@@ -255,7 +257,7 @@ def with_empty_tokens(pooling: Model[Ragged, Floats2d]) -> Model[Ragged, Floats2
     Thinc's reduce_first/last/max reject empty sequences, so each empty token
     gets one zero row for the duration of the call.
     """
-    return Model("with_empty_tokens", _empty_tokens_forward, layers=[pooling], init=head_init)
+    return Model("with_empty_tokens", _empty_tokens_forward, layers=[pooling], init=init_sublayers)
 
 
 def _empty_tokens_forward(model: Model, X: Ragged, is_train: bool) -> Tuple[Floats2d, Callable]:
@@ -283,13 +285,44 @@ def _empty_tokens_forward(model: Model, X: Ragged, is_train: bool) -> Tuple[Floa
 
 
 def build_standalone(
-    encoder: Model[List[Doc], List[CtxOutput]], head: Model[List[CtxOutput], List[Floats2d]]
+    encoder: Model[List[Doc], List[CtxOutput]],
+    head: Model[List[CtxOutput], List[Floats2d]],
+    *,
+    frozen: bool = False,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
 ) -> Model[List[Doc], List[Floats2d]]:
-    """Encoder and head in one model: what a listener becomes after replace_listeners."""
-    from thinc.api import chain
+    """Encoder and head in one model: what a listener becomes after replace_listeners.
 
-    if head.attrs["layers_needed"] == LAYERS_LAST:
-        encoder.attrs["keep_layers"] = [-1]  # the head reads only the last layer
-    model = chain(encoder, head)
+    frozen, max_batch_tokens: the settings of the component the listener listened to.
+    """
+    # The head reads only the last layer, or all of them for a scalar mix. These
+    # attrs are fixed at construction; the encoder stays a sub-layer so its
+    # weights are trained, saved and moved with the model.
+    encode = Model(
+        "ctx_standalone_encode",
+        _standalone_encode_forward,
+        layers=[encoder],
+        init=init_sublayers,
+        attrs={
+            "layers": [-1] if head.attrs["layers_needed"] == LAYERS_LAST else None,
+            "frozen": bool(frozen),
+            "max_batch_tokens": int(max_batch_tokens),
+        },
+    )
+    model = chain(encode, head)
     model.attrs["layers_needed"] = head.attrs["layers_needed"]
     return model
+
+
+def _standalone_encode_forward(model: Model, docs: List[Doc], is_train: bool):
+    if not is_train:
+        mode = GradMode.PREDICT
+    else:
+        mode = GradMode.FROZEN if model.attrs["frozen"] else GradMode.TRAIN
+    return run_backend(
+        model.layers[0],
+        docs,
+        mode=mode,
+        layers=model.attrs["layers"],
+        max_batch_tokens=model.attrs["max_batch_tokens"],
+    )
