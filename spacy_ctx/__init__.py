@@ -17,6 +17,7 @@ _LAZY = {
     "CheckpointError": "spacy_ctx.errors",
     "ConfigError": "spacy_ctx.errors",
     "SpacyCtxError": "spacy_ctx.errors",
+    "AssetNotFoundError": "spacy_ctx.errors",
 }
 
 # Old public names that still work, with a warning.

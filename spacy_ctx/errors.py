@@ -15,3 +15,10 @@ class CheckpointError(SpacyCtxError, ValueError):
 
 class ConfigError(SpacyCtxError, ValueError):
     """A component or encoder setting is invalid."""
+
+
+class AssetNotFoundError(SpacyCtxError):
+    """An asset package (the embedded default model, a data set) is not installed.
+
+    The message gives the ``pip install`` command that fixes it.
+    """

