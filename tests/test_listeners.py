@@ -334,15 +334,6 @@ def test_spacy_train_on_ready_config(config_name, train_assets, tmp_path):
         assert cats_a == pytest.approx(cats_b, abs=1e-6)
 
 
-def test_ready_configs_match_generator(tmp_path):
-    from spacy_ctx.cli import main
-
-    for name in CONFIGS:
-        assert name.endswith(".cfg")
-    main(["init-config", str(tmp_path / "ner_bert.cfg"), "--pipeline", "ner", "--encoder", "bert"])
-    assert (tmp_path / "ner_bert.cfg").read_text() == (REPO / "configs" / "ner_bert.cfg").read_text()
-
-
 def test_encoder_excluded_from_updates_still_feeds_listeners(tiny_bert_dir):
     """As with spaCy's frozen_components: no encoder update, listeners fall back."""
     nlp = _pipeline(tiny_bert_dir)
