@@ -25,6 +25,12 @@ class CtxData:
     piece_counts: pieces (or characters-tokens) each spaCy token was encoded as;
         a token with 0 pieces (whitespace) has an all-zero row.
     vector_mode: how :attr:`vectors` combine stored layers: ``"last"`` layer or ``"mean"``.
+    token_spans: optional (n_rows, 2) int64 character spans ``[start, end)`` of the
+        tokens the rows belong to (``token.idx``, ``token.idx + len(token)``), in order
+        and disjoint. ``doc._.ctx`` fills it in when it is set, so the rows can follow
+        retokenization (:meth:`realign`). ``None`` in payloads written before spans existed.
+    text_hash: optional CRC-32 of the Doc's UTF-8 text the rows were computed for;
+        retokenization keeps the text, so a different hash means a different Doc.
     """
 
     layers: np.ndarray
@@ -32,6 +38,8 @@ class CtxData:
     model_name: str
     piece_counts: np.ndarray
     vector_mode: str = "last"
+    token_spans: Optional[np.ndarray] = field(default=None, repr=False)
+    text_hash: Optional[int] = None
     _vectors: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -47,6 +55,25 @@ class CtxData:
             )
         if self.vector_mode not in VECTOR_MODES:
             raise ValueError(f"vector_mode must be one of {VECTOR_MODES}")
+        if self.token_spans is not None:
+            spans = np.asarray(self.token_spans)
+            if spans.shape != (self.layers.shape[1], 2):
+                raise ValueError(
+                    f"CtxData.token_spans must have shape ({self.layers.shape[1]}, 2), "
+                    f"got {spans.shape}"
+                )
+            if spans.size and not np.issubdtype(spans.dtype, np.integer):
+                raise ValueError(f"CtxData.token_spans must be integers, got {spans.dtype}")
+            self.token_spans = spans.astype(np.int64, copy=False)
+            if (self.token_spans[:, 1] < self.token_spans[:, 0]).any():
+                raise ValueError("CtxData.token_spans has a span that ends before it starts")
+        if self.text_hash is not None:
+            self.text_hash = int(self.text_hash)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of token rows (``len(doc)`` of the tokenization they belong to)."""
+        return int(self.layers.shape[1])
 
     @property
     def width(self) -> int:
@@ -76,25 +103,100 @@ class CtxData:
 
     @property
     def nbytes(self) -> int:
-        return int(self.layers.nbytes + self.piece_counts.nbytes)
+        spans = 0 if self.token_spans is None else self.token_spans.nbytes
+        return int(self.layers.nbytes + self.piece_counts.nbytes + spans)
+
+    def realign(self, token_spans: np.ndarray) -> "CtxData":
+        """The rows re-aligned to new tokens given by their character spans.
+
+        ``token_spans`` is an (n, 2) array of ``[start, end)`` character offsets of the
+        new tokens (of the same text). Each new token gets the stored rows whose spans
+        overlap its own:
+
+        - exactly one (an unchanged token, or one part of a split token): that row,
+          copied exactly, and its piece count (every part of a split token gets the
+          full count of the token it came from, so ``has_vector`` stays as it was);
+        - several (a merged token): per layer, the mean of those rows that have
+          pieces (an all-zero row if none has), in float32 then cast to the stored
+          dtype; its piece count is their sum;
+        - none (only possible for an empty token between stored ones): a zero row
+          and 0 pieces.
+
+        Requires :attr:`token_spans`; the stored spans must be in order and disjoint,
+        the new ones need not be.
+        """
+        if self.token_spans is None:
+            raise ValueError("CtxData has no token_spans, so its rows cannot be re-aligned")
+        old = self.token_spans
+        if len(old) > 1 and (old[1:, 0] < old[:-1, 1]).any():
+            raise ValueError("CtxData.token_spans must be in order and must not overlap")
+        new = np.asarray(token_spans, dtype=np.int64).reshape(-1, 2)
+        n_layers, _, width = self.layers.shape
+        # Stored rows overlapping [s, e): old_end > s and old_start < e. Old spans are
+        # sorted and disjoint, so both ends are non-decreasing and this is a range.
+        lo = np.searchsorted(old[:, 1], new[:, 0], side="right")
+        hi = np.maximum(np.searchsorted(old[:, 0], new[:, 1], side="left"), lo)
+        counts = hi - lo
+        layers = np.zeros((n_layers, len(new), width), dtype=self.layers.dtype)
+        piece_counts = np.zeros((len(new),), dtype=np.int32)
+
+        one = np.flatnonzero(counts == 1)
+        layers[:, one] = self.layers[:, lo[one]]
+        piece_counts[one] = self.piece_counts[lo[one]]
+
+        many = np.flatnonzero(counts > 1)
+        if many.size:
+            sizes = counts[many]
+            offsets = np.cumsum(sizes) - sizes
+            rows = np.repeat(lo[many] - offsets, sizes) + np.arange(int(sizes.sum()))
+            row_pieces = self.piece_counts[rows].astype(np.int64)
+            keep = (row_pieces > 0).astype(np.float32)
+            sums = np.add.reduceat(
+                self.layers[:, rows].astype(np.float32) * keep[None, :, None], offsets, axis=1
+            )
+            n_keep = np.add.reduceat(keep, offsets)
+            means = sums / np.maximum(n_keep, 1.0)[None, :, None]
+            layers[:, many] = means.astype(self.layers.dtype)
+            piece_counts[many] = np.add.reduceat(row_pieces, offsets)
+
+        return CtxData(
+            layers=layers,
+            layer_names=list(self.layer_names),
+            model_name=self.model_name,
+            piece_counts=piece_counts,
+            vector_mode=self.vector_mode,
+            token_spans=new,
+            text_hash=self.text_hash,
+        )
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        data = {
             "layers": self.layers,
             "layer_names": list(self.layer_names),
             "model_name": self.model_name,
             "piece_counts": self.piece_counts,
             "vector_mode": self.vector_mode,
         }
+        if self.token_spans is not None:
+            data["token_spans"] = self.token_spans
+        if self.text_hash is not None:
+            data["text_hash"] = self.text_hash
+        return data
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "CtxData":
+        """Inverse of :meth:`to_dict`; payloads without ``token_spans`` (older
+        versions) load with ``token_spans=None``."""
+        spans = data.get("token_spans")
+        text_hash = data.get("text_hash")
         return cls(
             layers=np.asarray(data["layers"]),
             layer_names=list(data["layer_names"]),
             model_name=str(data["model_name"]),
             piece_counts=np.asarray(data["piece_counts"], dtype=np.int32),
             vector_mode=str(data.get("vector_mode", "last")),
+            token_spans=None if spans is None else np.asarray(spans, dtype=np.int64).reshape(-1, 2),
+            text_hash=None if text_hash is None else int(text_hash),
         )
 
 
