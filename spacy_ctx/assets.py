@@ -100,10 +100,15 @@ def require_asset_package(
     )
 
 
-def find_embedded_model_dir() -> Optional[Path]:
-    """The embedded default model's folder (with its ``config.json``), or None."""
+def find_embedded_model_dir(search_dirs: Iterable[Path] = ()) -> Optional[Path]:
+    """The embedded default model's folder (with its ``config.json``), or None.
+
+    ``search_dirs``: more site-packages folders to look in (see :func:`find_asset_package`).
+    """
     folder = find_asset_package(
-        EMBEDDED_MODEL_MODULE, contains=[f"{EMBEDDED_MODEL_SUBDIR}/config.json"]
+        EMBEDDED_MODEL_MODULE,
+        contains=[f"{EMBEDDED_MODEL_SUBDIR}/config.json"],
+        search_dirs=search_dirs,
     )
     return None if folder is None else folder / EMBEDDED_MODEL_SUBDIR
 

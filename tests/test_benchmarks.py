@@ -1,0 +1,112 @@
+"""The throughput benchmark's parts (benchmarks/systems.py, worker.py, report.py and the
+throughput.py command line), without timing anything."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import spacy
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+try:
+    import report  # noqa: E402
+    import systems  # noqa: E402
+finally:
+    sys.path.remove(str(BENCHMARKS))
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / "throughput.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_throughput_cli_help_and_rows():
+    help_ = _run("--help")
+    assert help_.returncode == 0 and "--systems" in help_.stdout
+    listed = _run("--list-systems")
+    assert listed.returncode == 0
+    names = [line.split()[0] for line in listed.stdout.splitlines()]
+    assert names == ["ctx_bert", "spacy_transformers", "hf_raw", "ctx_elmo_tiny", "ctx_elmo_small"]
+    bad = _run("--systems", "nope")
+    assert bad.returncode == 2 and "unknown system" in bad.stderr
+
+
+def test_worker_script_usage():
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "worker.py")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "usage: worker.py" in proc.stderr
+
+
+def test_bert_window_stats_are_what_the_backend_encodes(tiny_bert_dir):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("ctx_bert", config={"model": {"name": str(tiny_bert_dir)}, "store": "last"})
+    nlp.initialize()
+    backend = nlp.get_pipe("ctx_bert").backend
+    texts = ["hello world", "", "the bank rose by the river . " * 30, "apple " * 62, "apple " * 63]
+    docs = [nlp.make_doc(t) for t in texts]
+    rows = positions = 0
+
+    def count(module, inputs):  # every encoder call: (input ids, attention mask)
+        nonlocal rows, positions
+        rows += int(inputs[1].shape[0])
+        positions += int(inputs[1].sum())
+
+    hook = backend.encoder.register_forward_pre_hook(count)
+    try:
+        backend.encode_docs(docs, max_batch_tokens=4096)
+    finally:
+        hook.remove()
+    stats = systems.bert_window_stats(backend, docs)
+    assert stats["sequences"] == rows > len(texts)
+    assert stats["encoded_positions"] == positions
+    assert stats["pieces"] == sum(len(ids) for ids, _ in backend.pieces.encode(
+        [[t.text for t in doc] for doc in docs]))
+
+
+def _ok_row(system, seconds, rss, **extra):
+    return {"system": system, "device": "cpu", "status": "ok", "docs": 4, "seconds": seconds[0],
+            "seconds_all": seconds, "cpu_seconds": 1.0, "cpu_seconds_all": [1.0] * len(seconds),
+            "loadavg_1min_before_after": [0.1, 0.2], "load_seconds": 1.5, "warmup_docs": 1,
+            "warmup_seconds": 0.5, "peak_rss_mib": rss, "torch_threads": 2, **extra}
+
+
+def test_report_merges_rounds_and_formats_the_table():
+    runs = [_ok_row("ctx_bert", [2.0], 500.0, sequences=6, encoded_positions=2556),
+            _ok_row("ctx_bert", [4.0], 600.0, sequences=6, encoded_positions=2556)]
+    row = report.finish_row(report.merge_rounds(runs), words=1000)
+    assert row["seconds"] == 3.0 and row["seconds_best"] == 2.0 and row["rounds"] == 2
+    assert row["peak_rss_mib"] == 600.0 and row["words_per_s_best"] == 500.0
+    skipped = report.finish_row(report.merge_rounds(
+        [{"system": "spacy_transformers", "device": "cpu", "status": "skipped: x not installed"}]), 1000)
+    table = report.format_table([row, skipped])
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["system", "docs", "words"]
+    assert lines[2].split()[:4] == ["ctx_bert", "4", "1000", "3.00"]
+    assert "spacy_transformers: skipped: x not installed" in table
+    assert "ctx_bert: load 1.5 s, warm-up 1 docs 0.5 s, passes 2.0/4.0 s, 6 sequences, 2556 pieces" in table
+
+
+def test_report_result_json_fields(tmp_path):
+    args = argparse.Namespace(batch_size=8, max_batch_tokens=4096, device="cpu", repeats=1, rounds=1,
+                              threads=None, trf_window=128, trf_stride=96, hf_max_length=512,
+                              elmo_fixture=Path("f"), elmo_cache=Path("c"), elmo_seed=0)
+    result = report.build_result(args, model=None, source="synthetic", n_docs=4, words=100,
+                                 n_warmup=1, rows=[])
+    assert result["benchmark"] == "throughput" and result["model"] is None
+    assert result["corpus"] == {"source": "synthetic", "docs": 4, "words": 100,
+                                "word_definition": "non-whitespace tokens of spacy.blank('en')"}
+    assert result["settings"]["warmup_docs"] == 1 and "cpu_count" in result["machine"]
+    report.write_result(result, tmp_path / "out" / "r.json")
+    assert (tmp_path / "out" / "r.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["ctx_bert", "hf_raw", "ctx_elmo_tiny"])
+def test_registered_rows(name):
+    system = systems.SYSTEMS[name]
+    assert callable(system.setup) and system.description
+    assert system.uses_hf_model is (not name.startswith("ctx_elmo"))
