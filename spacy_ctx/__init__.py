@@ -17,6 +17,7 @@ _LAZY = {
     "CheckpointError": "spacy_ctx.errors",
     "ConfigError": "spacy_ctx.errors",
     "SpacyCtxError": "spacy_ctx.errors",
+    "StaleCtxError": "spacy_ctx.errors",
     "AssetNotFoundError": "spacy_ctx.errors",
 }
 

@@ -29,17 +29,12 @@ from spacy.attrs import IDX, LENGTH
 from spacy.tokens import Doc, Span, Token
 
 from .ctx_data import CtxData, deserialize_ctx_data
-from .errors import SpacyCtxError
+from .errors import StaleCtxError
 
 # -- extension attributes ---------------------------------------------------------------
 _USER_DATA_KEY = ("._.", "ctx", None, None)  # where Doc extensions with a default live
 # Spans at most this long are checked token by token; longer ones with one doc.to_array.
 _SPAN_LOOP_MAX = 32
-
-
-class StaleCtxError(SpacyCtxError, ValueError):
-    """``doc._.ctx`` cannot be matched to the Doc's tokens (it was computed for a
-    different text, or it predates token spans and the token count has changed)."""
 
 
 def _text_hash(doc: Doc) -> int:

@@ -22,3 +22,8 @@ class AssetNotFoundError(SpacyCtxError):
 
     The message gives the ``pip install`` command that fixes it.
     """
+
+
+class StaleCtxError(SpacyCtxError, ValueError):
+    """``doc._.ctx`` cannot be matched to the Doc's tokens (it was computed for a
+    different text, or it predates token spans and the token count has changed)."""

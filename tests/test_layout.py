@@ -24,7 +24,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "encoders": {"errors"},
     "pieces": {"errors"},
     "backends": {"errors", "encoders", "pieces"},
-    "doc_data": {"ctx_data"},
+    "doc_data": {"ctx_data", "errors"},
     "thinc_layers": {"errors", "backends"},
     "architectures": {"errors", "loaders", "backends", "thinc_layers"},
     "pipeline": {"errors", "ctx_data", "doc_data", "backends", "thinc_layers"},

@@ -26,7 +26,7 @@ from spacy.tokens import Doc, DocBin
 import spacy_ctx.doc_data as doc_data
 from spacy_ctx import install_vector_hooks
 from spacy_ctx.ctx_data import CtxData, deserialize_ctx_data, serialize_ctx_data
-from spacy_ctx.doc_data import StaleCtxError
+from spacy_ctx.errors import StaleCtxError
 
 from .elmo_utils import write_random_elmo
 
