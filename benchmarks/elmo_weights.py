@@ -1,22 +1,10 @@
 """Random ELMo checkpoints (``options.json`` + ``weights.hdf5``) for the benchmarks.
 
-Standalone: numpy and h5py only, nothing from ``spacy_ctx`` or ``tests/``. The
-weights use the bilm-tf / AllenNLP hdf5 layout that
-``spacy_ctx.encoders.elmo_checkpoint.load_elmo`` reads (TensorFlow's ``x @ W``
-matrices)::
-
-    char_embed                                      (261, char_dim)
-    CNN/W_cnn_{i}                                   (1, width_i, char_dim, n_i)
-    CNN/b_cnn_{i}                                   (n_i,)
-    CNN_high_{k}/W_transform, W_carry               (n_filters, n_filters)
-    CNN_high_{k}/b_transform, b_carry               (n_filters,)
-    CNN_proj/W_proj                                 (n_filters, proj)  [absent if n_filters == proj]
-    CNN_proj/b_proj                                 (proj,)
-    RNN_{d}/RNN/MultiRNNCell/Cell{l}/LSTMCell/W_0   (proj + proj, 4 * dim)
-    RNN_{d}/RNN/MultiRNNCell/Cell{l}/LSTMCell/B     (4 * dim,)
-    RNN_{d}/RNN/MultiRNNCell/Cell{l}/LSTMCell/W_P_0 (dim, proj)
-
-with d = 0 (forward) and 1 (backward).
+The files are written by ``tests/elmo_utils.py`` (``write_random_elmo``, the one
+writer of random ELMo checkpoints; its ``hdf5_shapes`` documents the bilm-tf /
+AllenNLP layout). This module adds the benchmark presets, the stamped reusable
+output folder and a command line; it imports numpy, h5py and ``tests/elmo_utils``
+(nothing from ``spacy_ctx``).
 
 Scale of the random values, so that activations look like a trained model's
 (O(0.1-1), LSTM gates not saturated, clips rarely hit) rather than exploding:
@@ -52,6 +40,13 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
+
+# The repository root, so that tests/elmo_utils.py imports when this runs as a script.
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from tests.elmo_utils import hdf5_shapes, write_random_elmo  # noqa: E402
 
 GENERATOR_VERSION = 1
 OPTIONS_FILE = "options.json"
@@ -102,68 +97,9 @@ TINY_OPTIONS: Dict[str, Any] = {
 PRESETS: Dict[str, Dict[str, Any]] = {"small": SMALL_OPTIONS, "tiny": TINY_OPTIONS}
 
 
-def hdf5_shapes(options: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
-    """Every dataset of the hdf5 layout for ``options``, with its shape."""
-    lstm, cnn = options["lstm"], options["char_cnn"]
-    char_dim = int(cnn["embedding"]["dim"])
-    filters = [(int(w), int(n)) for w, n in cnn["filters"]]
-    n_filters = sum(n for _, n in filters)
-    proj, dim = int(lstm["projection_dim"]), int(lstm["dim"])
-    shapes: Dict[str, Tuple[int, ...]] = {"char_embed": (261, char_dim)}
-    for i, (width, n) in enumerate(filters):
-        shapes[f"CNN/W_cnn_{i}"] = (1, width, char_dim, n)
-        shapes[f"CNN/b_cnn_{i}"] = (n,)
-    for k in range(int(cnn["n_highway"])):
-        for part in ("transform", "carry"):
-            shapes[f"CNN_high_{k}/W_{part}"] = (n_filters, n_filters)
-            shapes[f"CNN_high_{k}/b_{part}"] = (n_filters,)
-    if n_filters != proj:
-        shapes["CNN_proj/W_proj"] = (n_filters, proj)
-        shapes["CNN_proj/b_proj"] = (proj,)
-    for direction in (0, 1):
-        for layer in range(int(lstm["n_layers"])):
-            prefix = f"RNN_{direction}/RNN/MultiRNNCell/Cell{layer}/LSTMCell"
-            shapes[f"{prefix}/W_0"] = (2 * proj, 4 * dim)
-            shapes[f"{prefix}/B"] = (4 * dim,)
-            shapes[f"{prefix}/W_P_0"] = (dim, proj)
-    return shapes
-
-
 def n_parameters(options: Dict[str, Any]) -> int:
     """Number of stored values (the hdf5 datasets; excludes the padding char row)."""
     return sum(math.prod(shape) for shape in hdf5_shapes(options).values())
-
-
-def _std_for(name: str, shape: Tuple[int, ...], scale: float) -> float:
-    if name == "char_embed":
-        return 1.0
-    if len(shape) == 1:  # biases
-        return scale
-    if name.startswith("CNN/W_cnn_"):
-        fan_in = shape[1] * shape[2]  # width * char_dim
-    else:
-        fan_in = shape[0]  # x @ W matrices
-    return min(scale, 1.0 / math.sqrt(fan_in))
-
-
-def write_random_elmo(
-    directory, options: Dict[str, Any], *, seed: int = 0, scale: float = DEFAULT_SCALE
-) -> Tuple[Path, Path]:
-    """Write ``options.json`` and a random ``weights.hdf5`` into ``directory``."""
-    import h5py
-    import numpy as np
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    options_path = directory / OPTIONS_FILE
-    weights_path = directory / WEIGHTS_FILE
-    options_path.write_text(json.dumps(options, indent=2) + "\n", encoding="utf-8")
-    with h5py.File(weights_path, "w") as handle:
-        for name, shape in hdf5_shapes(options).items():
-            std = _std_for(name, shape, scale)
-            handle.create_dataset(name, data=(rng.standard_normal(shape) * std).astype(np.float32))
-    return options_path, weights_path
 
 
 def _stamp(options: Dict[str, Any], seed: int, scale: float) -> Dict[str, Any]:
@@ -191,7 +127,7 @@ def ensure_random_elmo(
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_random_elmo(tmp, options, seed=seed, scale=scale)
+        write_random_elmo(tmp, options, seed=seed, weight_scale=scale, fan_in_scaling=True)
         for name in (OPTIONS_FILE, WEIGHTS_FILE):
             os.replace(tmp / name, directory / name)
         (tmp / STAMP_FILE).write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
