@@ -75,13 +75,13 @@ def build_elmo_encoder(
 
     def load():
         from .backends.elmo import ElmoBackend
-        from .encoders.elmo_checkpoint import load_elmo
         from .loaders import resolve_elmo_files
 
         options_path, weights_path = resolve_elmo_files(name, options, weights)
         label = name if options is None else str(Path(weights_path).name)
-        return ElmoBackend(
-            load_elmo(options_path, weights_path),
+        return ElmoBackend.from_pretrained(
+            options_path,
+            weights_path,
             name=label,
             chunk_size=chunk_size,
             cache_size=cache_size,

@@ -302,14 +302,15 @@ def test_small_max_batch_tokens_equals_one_by_one(
     # Record the encoder batches: padded size (rows * (longest + <S>/</S>)) within
     # the budget unless a single sentence is longer than the budget on its own.
     bilm = ensure_backend(small.get_pipe("ctx_elmo").model).bilm
-    encode_words = bilm.encode_words
+    forward_from_embeddings = bilm.forward_from_embeddings
     batches: List[List[int]] = []
 
-    def spy(sentences, cache=None):
-        batches.append([len(s) for s in sentences])
-        return encode_words(sentences, cache=cache)
+    def spy(embeddings, lengths):
+        # The backend frames every sentence with <S> ... </S>: 2 more than its tokens.
+        batches.append([int(n) - 2 for n in lengths])
+        return forward_from_embeddings(embeddings, lengths)
 
-    monkeypatch.setattr(bilm, "encode_words", spy)
+    monkeypatch.setattr(bilm, "forward_from_embeddings", spy)
     for batch_size in (1, 3, len(texts)):
         batches.clear()
         docs = list(small.pipe(texts, batch_size=batch_size))

@@ -1,4 +1,5 @@
-"""Tests of the pure-PyTorch ELMo biLM, its char ids and its checkpoint files.
+"""Tests of the ELMo stack: char ids, the pure-PyTorch biLM, its checkpoint files, and
+the backend that turns Docs into encoder inputs (sentences, chunks, word cache).
 
 Parity tests use AllenNLP's ELMo fixture (see its README.md) and skip when it is
 absent; everything else runs on tiny random checkpoints from ``write_random_elmo``.
@@ -8,27 +9,33 @@ from __future__ import annotations
 
 import ast
 import json
+import warnings
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
 import pytest
+import spacy
 import torch
+from spacy.tokens import Doc
 
-from spacy_ctx.encoders.elmo import ElmoBiLM, ElmoOptions, WordEmbeddingCache, embed_words
+from spacy_ctx.backends.elmo import ElmoBackend
+from spacy_ctx.backends.word_cache import WordEmbeddingCache, embed_distinct_words
+from spacy_ctx.encoders import elmo as elmo_module
+from spacy_ctx.encoders.elmo import ElmoBiLM, ProjectionLstmLayer
 from spacy_ctx.encoders.elmo_checkpoint import (
-    elmo_from_bytes,
-    elmo_to_bytes,
     expected_hdf5_shapes,
+    expected_state_shapes,
     load_elmo,
     load_elmo_safetensors,
     save_elmo_hdf5,
     save_elmo_options,
     save_elmo_safetensors,
 )
+from spacy_ctx.encoders.elmo_options import CHARS_PER_TOKEN, MAX_PARAMETERS, ElmoOptions
 from spacy_ctx.errors import CheckpointError
-from spacy_ctx.pieces.chars import BOS_CHAR_IDS, EOS_CHAR_IDS, elmo_char_ids
+from spacy_ctx.pieces.chars import BOS_CHAR_IDS, EOS_CHAR_IDS, MAX_WORD_LENGTH, elmo_char_ids
 
 from .elmo_utils import REPO_ROOT, write_random_elmo
 
@@ -48,9 +55,22 @@ def batch_char_ids(sentences: Sequence[Sequence[str]]) -> tuple[torch.Tensor, to
 
 
 def run(model: ElmoBiLM, sentences: Sequence[Sequence[str]]) -> torch.Tensor:
+    """The plain biLM over the given sequences (no boundary tokens added)."""
     ids, lengths = batch_char_ids(sentences)
     with torch.no_grad():
         return model(ids, lengths)
+
+
+def run_framed(model: ElmoBiLM, sentences: Sequence[Sequence[str]]) -> torch.Tensor:
+    """ELMo as trained: each sentence framed by <S> ... </S>; all positions returned."""
+    return run(model, [["<S>", *s, "</S>"] for s in sentences])
+
+
+def run_sentences(model: ElmoBiLM, sentences: Sequence[Sequence[str]]) -> torch.Tensor:
+    """Framed, then the boundary rows dropped: (n_layers + 1, B, longest, width)."""
+    framed = run_framed(model, sentences)
+    longest = max((len(s) for s in sentences), default=0)
+    return framed[:, :, 1 : longest + 1]
 
 
 SENTENCES = [
@@ -60,6 +80,17 @@ SENTENCES = [
     ["a", "b", "c", "d"],
     "An extraordinarily long sentence with more tokens than the others here".split(),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on one thread: every LSTM step is a few tiny matmuls, and with
+    several OpenMP threads each pays a thread sync (minutes on a busy 2-core machine).
+    Results are bitwise the same with any thread count on CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -100,18 +131,18 @@ def test_fixture_char_ids_match_allennlp(fixture_dir: Path) -> None:
 def test_fixture_all_layers_match_allennlp_fresh_state(
     fixture_dir: Path, fixture_model: ElmoBiLM
 ) -> None:
+    """The biLM over <S> sentence </S> equals AllenNLP at every position, boundaries included."""
     reference = np.load(fixture_dir / "allennlp_outputs.npz")
     worst = np.zeros(3)
     for i, batch in enumerate(fixture_batches(fixture_dir)):
-        ours = run(fixture_model, batch).numpy()
+        ours = run_framed(fixture_model, batch).numpy()
         expected = reference[f"batch{i}_activations_fresh"]
-        assert ours.shape == (3, 3, expected.shape[2] - 2, 32)
+        assert ours.shape == (3, 3, expected.shape[2], 32)
         for row, sentence in enumerate(batch):
-            n = len(sentence)
-            # AllenNLP includes <S> at 0 and </S> at n + 1; we return tokens only.
-            diff = np.abs(ours[:, row, :n] - expected[:, row, 1 : n + 1]).max(axis=(1, 2))
+            n = len(sentence) + 2  # AllenNLP includes <S> at 0 and </S> at n + 1
+            diff = np.abs(ours[:, row, :n] - expected[:, row, :n]).max(axis=(1, 2))
             worst = np.maximum(worst, diff)
-            assert not ours[:, row, n:].any(), "positions past the sentence must be zero"
+            assert not ours[:, row, n:].any(), "positions past the sequence must be zero"
     assert worst.max() < 1e-5, f"max abs difference per layer: {worst}"
 
 
@@ -123,8 +154,25 @@ def test_fixture_top_layer_matches_tensorflow(fixture_dir: Path, fixture_model: 
         with h5py.File(fixture_dir / f"lm_embeddings_{k}.hdf5", "r") as handle:
             tf_output = handle["0"][...]
         expected = np.concatenate([tf_output[0], tf_output[1]], axis=-1)
-        ours = run(fixture_model, [sentence])[2, 0].numpy()
+        ours = run_sentences(fixture_model, [sentence])[2, 0].numpy()
         np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
+
+
+def test_fixture_through_backend(fixture_dir: Path, fixture_model: ElmoBiLM) -> None:
+    """Docs -> backend -> encoder: the same rows as AllenNLP (boundaries dropped)."""
+    backend = ElmoBackend(fixture_model, name="fixture")
+    vocab = spacy.blank("en").vocab
+    reference = np.load(fixture_dir / "allennlp_outputs.npz")
+    for i, batch in enumerate(fixture_batches(fixture_dir)):
+        docs = [Doc(vocab, words=words) for words in batch]
+        with torch.no_grad():
+            outputs = backend.encode_docs(docs, max_batch_tokens=4096)
+        expected = reference[f"batch{i}_activations_fresh"]
+        for row, (output, words) in enumerate(zip(outputs, batch)):
+            n = len(words)
+            np.testing.assert_allclose(
+                output.layers.numpy(), expected[:, row, 1 : n + 1], rtol=0, atol=1e-5
+            )
 
 
 def test_fixture_vocab_token_embeddings(fixture_dir: Path, fixture_model: ElmoBiLM) -> None:
@@ -194,10 +242,19 @@ def _imported_top_level_modules(path: Path) -> set:
 def test_modules_import_only_allowed_libraries() -> None:
     chars = _imported_top_level_modules(REPO_ROOT / "spacy_ctx/pieces/chars.py")
     assert chars <= {"__future__", "typing", "numpy"}, chars
-    for name in ("elmo.py", "elmo_checkpoint.py"):
-        imported = _imported_top_level_modules(REPO_ROOT / "spacy_ctx/encoders" / name)
-        assert not imported & {"spacy", "thinc"}, (name, imported)
+    for path in sorted((REPO_ROOT / "spacy_ctx/encoders").glob("elmo*.py")):
+        imported = _imported_top_level_modules(path)
+        assert not imported & {"spacy", "thinc"}, (path.name, imported)
+        # Encoders take tensors: char ids come from the backend, never from pieces/.
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                assert "pieces" not in (node.module or ""), (path.name, node.module)
     assert "h5py" not in _imported_top_level_modules(REPO_ROOT / "spacy_ctx/encoders/elmo.py")
+    assert "torch" not in _imported_top_level_modules(REPO_ROOT / "spacy_ctx/encoders/elmo_options.py")
+
+
+def test_char_id_width_agrees_with_encoder() -> None:
+    assert MAX_WORD_LENGTH == CHARS_PER_TOKEN == 50
 
 
 # --------------------------------------------------------------------------
@@ -287,10 +344,8 @@ def test_precomputed_token_embeddings_give_same_output(tiny_model: ElmoBiLM) -> 
     with torch.no_grad():
         direct = tiny_model(ids, lengths)
         embeddings = tiny_model.token_embeddings(ids.view(-1, 50)).view(*ids.shape[:2], -1)
-        via_embeddings = tiny_model(None, lengths, token_embeddings=embeddings)
-        via_method = tiny_model.forward_from_embeddings(embeddings, lengths)
+        via_embeddings = tiny_model.forward_from_embeddings(embeddings, lengths)
     assert torch.equal(direct, via_embeddings)
-    assert torch.equal(direct, via_method)
 
 
 def test_gradients_flow(tiny_files: tuple[Path, Path]) -> None:
@@ -307,11 +362,20 @@ def test_gradients_flow(tiny_files: tuple[Path, Path]) -> None:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|
 
 
-def reference_bilm(weights_path: Path, options: Dict, words: Sequence[str]) -> np.ndarray:
-    """bilm-tf's maths for one sentence in float64: (n_layers + 1, len(words), 2 * proj)."""
+def reference_bilm(
+    weights_path: Path, options: Dict, words: Sequence[str], clip_counts: Optional[Dict[str, int]] = None
+) -> np.ndarray:
+    """bilm-tf's maths for one sentence in float64: (n_layers + 1, len(words), 2 * proj).
+
+    ``clip_counts``, when given, receives the number of values beyond the clips
+    (``"cell"``, ``"projection"``) before clipping.
+    """
+    counts = clip_counts if clip_counts is not None else {}
+    counts.setdefault("cell", 0)
+    counts.setdefault("projection", 0)
     w: Dict[str, np.ndarray] = {}
 
     def collect(name: str, obj: object) -> None:
@@ -353,9 +417,11 @@ def reference_bilm(weights_path: Path, options: Dict, words: Sequence[str]) -> n
                 i_g, j_g, f_g, o_g = np.split(z, 4)  # TF LSTMCell order
                 state_c = _sigmoid(f_g + 1.0) * state_c + _sigmoid(i_g) * np.tanh(j_g)
                 if cell_clip:
+                    counts["cell"] += int((np.abs(state_c) > cell_clip).sum())
                     state_c = np.clip(state_c, -cell_clip, cell_clip)
                 state_m = (_sigmoid(o_g) * np.tanh(state_c)) @ w[f"{prefix}/W_P_0"]
                 if proj_clip:
+                    counts["projection"] += int((np.abs(state_m) > proj_clip).sum())
                     state_m = np.clip(state_m, -proj_clip, proj_clip)
                 seq.append(state_m)
             y = np.stack(seq) + (x if layer > 0 else 0)
@@ -381,7 +447,7 @@ def test_matches_numpy_reference(tmp_path: Path, settings: Dict) -> None:
     model = load_elmo(options_path, weights_path)
     options = json.loads(options_path.read_text())
     sentences = [SENTENCES[0], SENTENCES[2], ["<S>", "x"]]
-    out = run(model, sentences).numpy()
+    out = run_sentences(model, sentences).numpy()
     for row, sentence in enumerate(sentences):
         expected = reference_bilm(weights_path, options, sentence)
         np.testing.assert_allclose(out[:, row, : len(sentence)], expected, rtol=0, atol=2e-5)
@@ -400,15 +466,19 @@ def test_clipping_triggers_and_bounds_outputs(tmp_path: Path) -> None:
     clipped, free = load_elmo(*clipped_files), load_elmo(*free_files)
     assert clipped.options.cell_clip == 3.0 and free.options.cell_clip is None
 
-    clipped.lstm.clip_counts = {}
-    free.lstm.clip_counts = {}
-    out_clipped = run(clipped, SENTENCES)
-    out_free = run(free, SENTENCES)
-    counts = {key: int(value) for key, value in clipped.lstm.clip_counts.items()}
+    # The float64 reference counts the values beyond the clips: both clips do trigger...
+    counts: Dict[str, int] = {}
+    options = json.loads(clipped_files[0].read_text())
+    for sentence in SENTENCES:
+        expected = reference_bilm(clipped_files[1], options, sentence, counts)
+        # ...and the model clips exactly where the reference does.
+        np.testing.assert_allclose(
+            run_sentences(clipped, [sentence])[:, 0].numpy(), expected, rtol=1e-5, atol=1e-4
+        )
     assert counts["cell"] > 0 and counts["projection"] > 0, counts
-    assert free.lstm.clip_counts == {}  # no clip, nothing counted
-    clipped.lstm.clip_counts = None
 
+    out_clipped = run_sentences(clipped, SENTENCES)
+    out_free = run_sentences(free, SENTENCES)
     # lstm_1 has no skip connection: bounded by proj_clip; lstm_2 adds its input.
     assert out_clipped[1].abs().max() <= 3.0
     assert out_clipped[2].abs().max() <= 6.0
@@ -417,54 +487,166 @@ def test_clipping_triggers_and_bounds_outputs(tmp_path: Path) -> None:
     assert torch.equal(out_clipped[0], out_free[0])  # token layer is not clipped
 
 
-def test_clip_counter_is_zero_on_small_weights(tiny_model: ElmoBiLM) -> None:
-    tiny_model.lstm.clip_counts = {}
-    try:
-        run(tiny_model, [["small"]])
-        assert int(tiny_model.lstm.clip_counts["cell"]) == 0
-    finally:
-        tiny_model.lstm.clip_counts = None
+def test_no_clipping_on_small_weights(tiny_files: tuple[Path, Path]) -> None:
+    counts: Dict[str, int] = {}
+    reference_bilm(tiny_files[1], json.loads(tiny_files[0].read_text()), ["small"], counts)
+    assert counts == {"cell": 0, "projection": 0}
 
 
 # --------------------------------------------------------------------------
-# word cache
+# memory bounds (issue 7, 2.7): time blocks for the input gates, chunks for the CNN
 # --------------------------------------------------------------------------
 
 
-def test_word_cache_counts_and_matches_uncached(tiny_model: ElmoBiLM) -> None:
-    cache = WordEmbeddingCache(max_entries=1000)
+def test_input_gates_are_computed_in_bounded_blocks_of_real_rows(
+    tiny_model: ElmoBiLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The input-gate precompute stays within the budget (in time blocks, with the real
+    rows only, not ROW_MULTIPLE padded ones) and gives bitwise the unbounded result."""
+    long_sentence = [f"w{k % 7}" for k in range(150)]
+    batches = [[long_sentence], [long_sentence, *SENTENCES]]
+    unbounded = [run_framed(tiny_model, batch) for batch in batches]
+
+    blocks: List[Tuple[int, ...]] = []
+    original = ProjectionLstmLayer.input_gates
+
+    def recording(self: ProjectionLstmLayer, block: torch.Tensor) -> torch.Tensor:
+        blocks.append(tuple(block.shape))
+        return original(self, block)
+
+    monkeypatch.setattr(ProjectionLstmLayer, "input_gates", recording)
+    gate_width = 4 * tiny_model.options.lstm_dim
+    budget = 2 * 32 * gate_width  # 32 (step, row) pairs of both directions
+    monkeypatch.setattr(elmo_module, "INPUT_GATE_BUDGET", budget)
+    for batch, expected in zip(batches, unbounded):
+        blocks.clear()
+        bounded = run_framed(tiny_model, batch)
+        assert torch.equal(bounded, expected)
+        n_layers, batch_size, n_steps = tiny_model.options.n_layers, len(batch), len(long_sentence) + 2
+        assert all(shape[2] == batch_size for shape in blocks), blocks  # real rows only
+        for _, steps, rows, _ in blocks:
+            assert steps % elmo_module.ROW_MULTIPLE == 0
+            # Within the budget, or the smallest block (ROW_MULTIPLE steps) if that is larger.
+            assert 2 * steps * rows * gate_width <= max(budget, 2 * 16 * rows * gate_width)
+        assert len(blocks) > n_layers  # really cut into several blocks per layer
+        assert sum(shape[1] for shape in blocks) >= n_layers * n_steps
+
+
+def test_char_cnn_runs_in_bounded_chunks(tiny_model: ElmoBiLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    words = [f"word{k}" for k in range(100)]
+    ids = torch.from_numpy(elmo_char_ids(words))
     with torch.no_grad():
-        first, lengths = tiny_model.encode_words(SENTENCES, cache)
-        n_distinct = len({w for s in SENTENCES for w in s})
-        assert (cache.hits, cache.misses, len(cache)) == (0, n_distinct, n_distinct)
-        second, _ = tiny_model.encode_words(SENTENCES, cache)
-        assert cache.hits == n_distinct and cache.misses == n_distinct
-        uncached, _ = tiny_model.encode_words(SENTENCES)
-    assert torch.equal(first, second)
-    assert torch.equal(first, uncached)
-    assert torch.equal(first, run(tiny_model, SENTENCES))
-    assert lengths.tolist() == [len(s) for s in SENTENCES]
+        whole = tiny_model.token_embeddings(ids)
+        sizes: List[int] = []
+        original = tiny_model.char_encoder._embed_chunk
+        monkeypatch.setattr(
+            tiny_model.char_encoder, "_embed_chunk", lambda chunk: sizes.append(len(chunk)) or original(chunk)
+        )
+        monkeypatch.setattr(elmo_module, "CHAR_CNN_BUDGET", 1)
+        chunked = tiny_model.token_embeddings(ids)
+    assert sizes == [16] * 6 + [4]
+    assert torch.equal(chunked, whole)
 
 
-def test_embed_words_only_runs_cnn_on_unseen_words(tiny_model: ElmoBiLM) -> None:
+# --------------------------------------------------------------------------
+# the backend: Docs -> <S> sentence </S> char ids -> encoder -> rows per token
+# --------------------------------------------------------------------------
+
+WORDS = "The bank raised rates . We sat on the river bank . Then we left .".split()
+SENT_STARTS = [0, 5, 12]  # three sentences
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return spacy.blank("en").vocab
+
+
+@pytest.fixture
+def backend(tiny_model: ElmoBiLM) -> ElmoBackend:
+    return ElmoBackend(tiny_model, name="tiny", chunk_size=100)
+
+
+def encode(backend: ElmoBackend, docs: Sequence[Doc], max_batch_tokens: int = 4096) -> List[np.ndarray]:
+    with torch.no_grad():
+        return [out.layers.numpy() for out in backend.encode_docs(docs, max_batch_tokens=max_batch_tokens)]
+
+
+def sentence_doc(vocab, words: Sequence[str], starts: Sequence[int]) -> Doc:
+    return Doc(vocab, words=list(words), sent_starts=[i in starts for i in range(len(words))])
+
+
+def test_backend_frames_each_sentence(backend: ElmoBackend, tiny_model: ElmoBiLM, vocab) -> None:
+    doc = sentence_doc(vocab, WORDS, SENT_STARTS)
+    [layers] = encode(backend, [doc])
+    bounds = [*SENT_STARTS, len(WORDS)]
+    sentences = [WORDS[a:b] for a, b in zip(bounds, bounds[1:])]
+    expected = run_sentences(tiny_model, sentences).numpy()
+    for row, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        np.testing.assert_array_equal(layers[:, start:end], expected[:, row, : end - start])
+
+
+def test_backend_from_pretrained(tiny_files: tuple[Path, Path], tiny_model: ElmoBiLM, vocab) -> None:
+    loaded = ElmoBackend.from_pretrained(*tiny_files, name="tiny", chunk_size=3, cache_size=7)
+    assert (loaded.chunk_size, loaded.cache_size, loaded.word_cache.max_entries) == (3, 7, 7)
+    assert loaded.settings() == {"name": "tiny", "mixed_precision": None, "chunk_size": 3, "cache_size": 7}
+    doc = Doc(vocab, words=WORDS[:5])
+    [layers] = encode(loaded, [doc])
+    expected = run_sentences(tiny_model, [WORDS[:3], WORDS[3:5]]).numpy()
+    np.testing.assert_array_equal(layers[:, :3], expected[:, 0, :3])
+    np.testing.assert_array_equal(layers[:, 3:5], expected[:, 1, :2])
+
+
+def test_backend_keep_layers_and_gradient_path(backend: ElmoBackend, vocab) -> None:
+    docs = [sentence_doc(vocab, WORDS, SENT_STARTS), Doc(vocab, words=["  "]), Doc(vocab, words=[])]
+    [full, space, empty] = encode(backend, docs, max_batch_tokens=8)
+    assert space.shape == (3, 0, 16) and empty.shape == (3, 0, 16)
+    with torch.no_grad():
+        last = backend.encode_docs(docs, max_batch_tokens=8, keep_layers=[2])
+    np.testing.assert_array_equal(last[0].layers.numpy(), full[[2]])
+    # With autograd (fine-tuning), rows are concatenated instead of copied: same values.
+    with torch.enable_grad():
+        graded = backend.encode_docs(docs, max_batch_tokens=8, keep_layers=[0, 2])
+    assert graded[0].layers.requires_grad
+    np.testing.assert_array_equal(graded[0].layers.detach().numpy(), full[[0, 2]])
+    assert graded[1].layers.shape == (2, 0, 16)
+
+
+def test_backend_word_cache(backend: ElmoBackend, vocab) -> None:
+    cache = backend.word_cache
+    docs = [sentence_doc(vocab, WORDS, SENT_STARTS)]
+    first = encode(backend, docs)
+    n_distinct = len(set(WORDS)) + 2  # and <S>, </S>
+    assert (cache.hits, cache.misses, len(cache)) == (0, n_distinct, n_distinct)
+    second = encode(backend, docs)
+    assert (cache.hits, cache.misses) == (n_distinct, n_distinct)
+    uncached = ElmoBackend(backend.bilm, name="tiny", cache_size=0)
+    third = encode(uncached, docs)
+    assert len(uncached.word_cache) == 0
+    for a, b, c in zip(first, second, third):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    backend.weights_changed()
+    assert len(cache) == 0
+
+
+def test_embed_distinct_words_only_embeds_unseen_words() -> None:
     cache = WordEmbeddingCache()
-    calls: List[int] = []
-    handle = tiny_model.char_encoder.register_forward_hook(
-        lambda module, args, out: calls.append(args[0].shape[0])
-    )
-    try:
-        with torch.no_grad():
-            embed_words(tiny_model, ["a", "b", "a"], cache)
-            result = embed_words(tiny_model, ["b", "c", "a", "c"], cache)
-            embed_words(tiny_model, ["a", "c"], cache)
-    finally:
-        handle.remove()
-    assert calls == [2, 1]  # {"a", "b"}, then only "c"; the last call is all hits
-    with torch.no_grad():
-        expected = tiny_model.token_embeddings(torch.from_numpy(elmo_char_ids(["b", "c", "a", "c"])))
-    assert torch.equal(result, expected)
+    calls: List[List[str]] = []
+
+    def embed(words: List[str]) -> torch.Tensor:
+        calls.append(list(words))
+        return torch.tensor([[float(ord(w[0])), float(len(w))] for w in words]).reshape(-1, 2)
+
+    embed_distinct_words(["a", "b", "a"], embed, cache)
+    table, index = embed_distinct_words(["b", "c", "a", "c"], embed, cache)
+    embed_distinct_words(["a", "c"], embed, cache)
+    assert calls == [["a", "b"], ["c"]]  # the last call is all hits
+    assert index.tolist() == [0, 1, 2, 1]
+    assert table[index].tolist() == [[98.0, 1.0], [99.0, 1.0], [97.0, 1.0], [99.0, 1.0]]
     # one lookup per distinct word per call: misses a, b | hit b, a, miss c | hit a, c
     assert cache.stats == {"hits": 4, "misses": 3, "size": 3, "max_entries": 100_000}
+    table, index = embed_distinct_words(["x", "x"], embed, None)  # no cache: computed every time
+    assert calls[-1] == ["x"] and index.tolist() == [0, 0]
 
 
 def test_word_cache_evicts_least_recently_used() -> None:
@@ -477,6 +659,72 @@ def test_word_cache_evicts_least_recently_used() -> None:
     assert len(cache) == 2
     cache.clear()
     assert len(cache) == 0 and cache.hits == 0 and cache.misses == 0
+
+
+def _spans_hook(spans: Sequence[Tuple[int, int]]):
+    return lambda doc: [doc[start:end] for start, end in spans]
+
+
+@pytest.mark.parametrize(
+    "spans",
+    [
+        [(5, 12), (0, 5), (12, 16)],  # out of order
+        [(0, 7), (5, 12), (12, 16)],  # overlapping
+        [(0, 4), (5, 12), (12, 16)],  # a gap (token 4 in no sentence)
+        [(0, 5), (5, 12)],  # the end is not covered
+    ],
+    ids=["out-of-order", "overlap", "gap", "short"],
+)
+def test_untrustworthy_sentences_fall_back_to_chunks(
+    tiny_model: ElmoBiLM, vocab, spans: List[Tuple[int, int]]
+) -> None:
+    """Sentences from a custom hook that are not ordered, disjoint and covering are
+    ignored: the Doc is chunked (one warning per call) and every row is its token's."""
+    backend = ElmoBackend(tiny_model, name="tiny", chunk_size=4)
+    chunked = encode(backend, [Doc(vocab, words=WORDS)])[0]
+    docs = []
+    for _ in range(3):
+        doc = sentence_doc(vocab, WORDS, SENT_STARTS)
+        doc.user_hooks["sents"] = _spans_hook(spans)
+        docs.append(doc)
+    with pytest.warns(UserWarning, match="3 of 4 Docs have sentences") as record:
+        outputs = encode(backend, [*docs, sentence_doc(vocab, WORDS, SENT_STARTS)])
+    assert len(record) == 1
+    for layers in outputs[:3]:
+        np.testing.assert_array_equal(layers, chunked)
+    # Every token has its own row: the context-free layer is its word's embedding.
+    with torch.no_grad():
+        embeddings = tiny_model.token_embeddings(torch.from_numpy(elmo_char_ids(WORDS))).numpy()
+    np.testing.assert_array_equal(outputs[0][0, :, :8], embeddings)
+    # The Doc with trustworthy sentences is still encoded by sentence.
+    assert not np.array_equal(outputs[3], chunked)
+
+
+def test_valid_sentences_from_a_hook_are_used(backend: ElmoBackend, vocab) -> None:
+    doc = Doc(vocab, words=WORDS, sent_starts=[i == 0 for i in range(len(WORDS))])
+    doc.user_hooks["sents"] = _spans_hook([(0, 5), (5, 12), (12, 16)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        [layers] = encode(backend, [doc])
+    np.testing.assert_array_equal(layers, encode(backend, [sentence_doc(vocab, WORDS, SENT_STARTS)])[0])
+
+
+def test_long_lone_segment_is_not_padded_to_row_multiple(
+    tiny_model: ElmoBiLM, vocab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone long segment runs with 1 row in the big tensors, in bounded time blocks."""
+    words = [f"w{k % 50}" for k in range(3000)]
+    backend = ElmoBackend(tiny_model, name="tiny", chunk_size=len(words))
+    shapes: List[Tuple[int, ...]] = []
+    original = ProjectionLstmLayer.input_gates
+    monkeypatch.setattr(
+        ProjectionLstmLayer, "input_gates", lambda self, block: shapes.append(tuple(block.shape)) or original(self, block)
+    )
+    monkeypatch.setattr(elmo_module, "INPUT_GATE_BUDGET", 2 * 1024 * 4 * tiny_model.options.lstm_dim)
+    [layers] = encode(backend, [Doc(vocab, words=words)])
+    assert layers.shape == (3, 3000, 16) and np.all(np.isfinite(layers))
+    assert {shape[2] for shape in shapes} == {1}
+    assert max(shape[1] for shape in shapes) == 1024
 
 
 # --------------------------------------------------------------------------
@@ -500,10 +748,13 @@ def test_hdf5_round_trip_is_exact(
 def test_safetensors_round_trip(tmp_path: Path, tiny_model: ElmoBiLM) -> None:
     save_elmo_safetensors(tiny_model, tmp_path / "elmo.safetensors")
     from_file = load_elmo_safetensors(tmp_path / "elmo.safetensors")
-    from_bytes = elmo_from_bytes(elmo_to_bytes(tiny_model))
-    expected = run(tiny_model, SENTENCES)
-    assert torch.equal(run(from_file, SENTENCES), expected)
-    assert torch.equal(run(from_bytes, SENTENCES), expected)
+    assert from_file.options == tiny_model.options
+    assert torch.equal(run(from_file, SENTENCES), run(tiny_model, SENTENCES))
+
+
+def test_expected_state_shapes_match_the_model(tiny_model: ElmoBiLM) -> None:
+    expected = expected_state_shapes(tiny_model.options)
+    assert expected == {name: tuple(t.shape) for name, t in tiny_model.state_dict().items()}
 
 
 def test_options_round_trip(tiny_files: tuple[Path, Path]) -> None:
@@ -604,3 +855,175 @@ def test_options_not_json(tmp_path: Path, tiny_files: tuple[Path, Path]) -> None
     bad.write_text("{not json")
     with pytest.raises(CheckpointError, match="broken_options.json"):
         load_elmo(bad, tiny_files[1])
+
+
+# --------------------------------------------------------------------------
+# settings and shapes are checked before anything is allocated (issue 7, 2.2)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail if an ElmoBiLM is built with real storage (the ``meta`` device allocates nothing)."""
+    original = ElmoBiLM.__init__
+
+    def guarded(self: ElmoBiLM, options: ElmoOptions) -> None:
+        if torch.empty(0).device.type != "meta":
+            raise AssertionError("the model was built before the checkpoint was checked")
+        original(self, options)
+
+    monkeypatch.setattr(ElmoBiLM, "__init__", guarded)
+
+
+def _with_options(options_path: Path, section: str, key: str, value: object) -> None:
+    options = json.loads(options_path.read_text())
+    target = options[section]
+    for part in key.split(".")[:-1]:
+        target = target[part]
+    target[key.split(".")[-1]] = value
+    options_path.write_text(json.dumps(options))
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "setting"),
+    [
+        ("lstm", "dim", 2_000_000, "lstm.dim"),
+        ("lstm", "dim", 2e6, "lstm.dim"),
+        ("lstm", "dim", "4096", "lstm.dim"),
+        ("lstm", "dim", True, "lstm.dim"),
+        ("lstm", "dim", -5, "lstm.dim"),
+        ("lstm", "projection_dim", 10**30, "lstm.projection_dim"),
+        ("lstm", "n_layers", 10_000, "lstm.n_layers"),
+        ("lstm", "n_layers", 2.5, "lstm.n_layers"),
+        ("char_cnn", "n_highway", 1_000_000, "char_cnn.n_highway"),
+        ("char_cnn", "embedding.dim", 10**9, "char_cnn.embedding.dim"),
+        ("char_cnn", "filters", [[1, 10**9]], "char_cnn.filters"),
+        ("char_cnn", "filters", [[1, 60_000], [2, 60_000]], "char_cnn.filters"),
+        ("char_cnn", "filters", [[1, 1]] * 1000, "char_cnn.filters"),
+        ("char_cnn", "n_characters", [262], "char_cnn.n_characters"),
+        ("char_cnn", "activation", ["relu"], "char_cnn.activation"),
+    ],
+)
+def test_absurd_options_fail_before_allocation(
+    tmp_path: Path, no_model_built: None, section: str, key: str, value: object, setting: str
+) -> None:
+    options_path, weights_path = write_random_elmo(tmp_path)
+    _with_options(options_path, section, key, value)
+    with pytest.raises(CheckpointError) as info:
+        load_elmo(options_path, weights_path)
+    message = str(info.value)
+    assert str(options_path) in message and setting in message, message
+
+
+def test_options_describing_a_giant_model_fail(tmp_path: Path, no_model_built: None) -> None:
+    """Every setting in range, but together 17 G parameters: rejected by the total."""
+    options_path, weights_path = write_random_elmo(tmp_path)
+    _with_options(options_path, "lstm", "dim", 32_768)
+    _with_options(options_path, "lstm", "projection_dim", 16_384)
+    with pytest.raises(CheckpointError, match=f"limit of {MAX_PARAMETERS:,}") as info:
+        load_elmo(options_path, weights_path)
+    assert str(options_path) in str(info.value) and "lstm.dim=32768" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "dataset"),
+    [
+        ("lstm", "dim", 4096, "RNN_0/RNN/MultiRNNCell/Cell0/LSTMCell/W_0"),
+        ("lstm", "projection_dim", 2048, "CNN_proj/W_proj"),
+        ("char_cnn", "filters", [[1, 4], [2, 8], [3, 4096]], "CNN/W_cnn_2"),
+        ("char_cnn", "n_highway", 64, "CNN_high_1/W_transform"),
+    ],
+)
+def test_weights_that_do_not_fit_the_options_fail_before_allocation(
+    tmp_path: Path, no_model_built: None, monkeypatch: pytest.MonkeyPatch,
+    section: str, key: str, value: object, dataset: str,
+) -> None:
+    """Options in range but larger than the weights: the hdf5 header shapes are compared
+    with the options first; no weight is read and no model is built."""
+    options_path, weights_path = write_random_elmo(tmp_path)
+    _with_options(options_path, section, key, value)
+    reads: List[str] = []
+    original = h5py.Dataset.__getitem__
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda self, k: reads.append(self.name) or original(self, k))
+    with pytest.raises(CheckpointError) as info:
+        load_elmo(options_path, weights_path)
+    message = str(info.value)
+    assert str(weights_path) in message and dataset in message and str(options_path) in message, message
+    assert reads == []
+
+
+def _write_safetensors(path: Path, model: ElmoBiLM, options: Dict, extra: Optional[Dict] = None) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state.update(extra or {})
+    metadata = {"format": "spacy_ctx.elmo.v1", "options": json.dumps(options)}
+    save_file(state, str(path), metadata=metadata)
+
+
+def test_safetensors_header_checked_before_allocation(
+    tmp_path: Path, tiny_model: ElmoBiLM, no_model_built: None
+) -> None:
+    path = tmp_path / "model.safetensors"
+    big = tiny_model.options.to_dict()
+    big["lstm"]["dim"] = 8192  # in range, 300 M parameters if it were built
+    big["lstm"]["projection_dim"] = 1024
+    _write_safetensors(path, tiny_model, big)
+    with pytest.raises(CheckpointError, match="has shape") as info:
+        load_elmo_safetensors(path)
+    assert str(path) in str(info.value)
+
+    absurd = tiny_model.options.to_dict()
+    absurd["char_cnn"]["n_highway"] = 1_000_000
+    _write_safetensors(path, tiny_model, absurd)
+    with pytest.raises(CheckpointError, match="char_cnn.n_highway") as info:
+        load_elmo_safetensors(path)
+    assert str(path) in str(info.value)
+
+    _write_safetensors(path, tiny_model, tiny_model.options.to_dict(), {"extra": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="unexpected tensor 'extra'"):
+        load_elmo_safetensors(path)
+
+
+def test_safetensors_non_finite_weights(tmp_path: Path, tiny_files: tuple[Path, Path]) -> None:
+    model = load_elmo(*tiny_files)
+    with torch.no_grad():
+        model.lstm.layers[0].bias[0, 3] = float("nan")
+    path = tmp_path / "model.safetensors"
+    save_elmo_safetensors(model, path)
+    with pytest.raises(CheckpointError, match="lstm.layers.0.bias"):
+        load_elmo_safetensors(path)
+
+
+# --------------------------------------------------------------------------
+# hdf5 links (issue 7, 2.8)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("link", ["external", "soft"])
+def test_dangling_hdf5_link_is_a_checkpoint_error(tmp_path: Path, link: str) -> None:
+    options_path, weights_path = write_random_elmo(tmp_path)
+    name = "CNN_high_0/W_carry"
+    with h5py.File(weights_path, "a") as handle:
+        del handle[name]
+        if link == "external":
+            handle[name] = h5py.ExternalLink(str(tmp_path / "gone.hdf5"), "/W_carry")
+        else:
+            handle[name] = h5py.SoftLink("/nowhere")
+    with pytest.raises(CheckpointError) as info:
+        load_elmo(options_path, weights_path)
+    message = str(info.value)
+    assert str(weights_path) in message and name in message, message
+    assert ("gone.hdf5" in message) if link == "external" else ("/nowhere" in message)
+
+
+def test_working_external_link_is_followed(tmp_path: Path, tiny_model: ElmoBiLM) -> None:
+    options_path, weights_path = write_random_elmo(tmp_path / "m", seed=0)
+    name = "CNN_high_0/W_carry"
+    with h5py.File(weights_path, "a") as handle:
+        value = handle[name][...]
+        del handle[name]
+        handle[name] = h5py.ExternalLink(str(tmp_path / "part.hdf5"), "/W_carry")
+    with h5py.File(tmp_path / "part.hdf5", "w") as part:
+        part["W_carry"] = value
+    assert torch.equal(run(load_elmo(options_path, weights_path), SENTENCES), run(tiny_model, SENTENCES))

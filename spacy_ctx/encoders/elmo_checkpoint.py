@@ -22,9 +22,14 @@ Two formats:
   stored LSTM bias lacks TF's +1.0 forget-gate offset (the model adds it);
 
 * a single safetensors file holding the module's ``state_dict`` and the options
-  as metadata (:func:`save_elmo_safetensors`, :func:`load_elmo_safetensors`,
-  :func:`elmo_to_bytes`, :func:`elmo_from_bytes`), used to store ELMo inside a
-  saved pipeline.
+  as metadata (:func:`save_elmo_safetensors`, :func:`load_elmo_safetensors`),
+  used to store ELMo inside a saved pipeline.
+
+Loading checks before it allocates: the options are type- and range-checked
+(:mod:`~spacy_ctx.encoders.elmo_options`), then the shapes they imply are compared
+with the shapes in the weight file's header (hdf5 dataset shapes, the safetensors
+JSON header), all without reading any weights; only then are weights read and the
+model built. A mismatched or hostile pair of files fails in milliseconds.
 
 Every failure raises :class:`~spacy_ctx.errors.CheckpointError` naming the file
 and the dataset or setting.
@@ -34,13 +39,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .elmo import N_CHAR_EMBEDDING_ROWS, ElmoBiLM, ElmoOptions
+from .elmo import ElmoBiLM
+from .elmo_options import N_CHAR_EMBEDDING_ROWS, ElmoOptions
 
 __all__ = [
     "load_elmo",
@@ -49,9 +55,8 @@ __all__ = [
     "save_elmo_options",
     "save_elmo_safetensors",
     "load_elmo_safetensors",
-    "elmo_to_bytes",
-    "elmo_from_bytes",
     "expected_hdf5_shapes",
+    "expected_state_shapes",
 ]
 
 PathLike = Union[str, Path]
@@ -90,6 +95,17 @@ def expected_hdf5_shapes(options: ElmoOptions) -> Dict[str, Tuple[int, ...]]:
             shapes[f"{prefix}/B"] = (4 * dim,)
             shapes[f"{prefix}/W_P_0"] = (dim, proj)
     return shapes
+
+
+def expected_state_shapes(options: ElmoOptions) -> Dict[str, Tuple[int, ...]]:
+    """The ``state_dict`` names and shapes of an :class:`ElmoBiLM` for ``options``.
+
+    The model is built on PyTorch's ``meta`` device, which records shapes and
+    allocates nothing, so this is cheap for any options that passed validation.
+    """
+    with torch.device("meta"):
+        model = ElmoBiLM(options)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 def _reorder_gates(array: np.ndarray, cell_dim: int) -> np.ndarray:
@@ -190,21 +206,55 @@ def _import_h5py():
     return h5py
 
 
-def load_elmo_hdf5_weights(model: ElmoBiLM, weights_path: PathLike) -> None:
-    """Load a bilm-tf/AllenNLP ``weights.hdf5`` into ``model`` in place, strictly.
+def _describe_link(h5py, link: Any) -> str:
+    if isinstance(link, h5py.ExternalLink):
+        return f"an external link to '{link.path}' in file '{link.filename}'"
+    if isinstance(link, h5py.SoftLink):
+        return f"a soft link to '{link.path}'"
+    return "an object"
 
-    Every expected dataset must exist with exactly the expected shape and finite
-    values; extra datasets are ignored.
+
+def _hdf5_dataset(h5py, handle: Any, path: Path, name: str, shape: Tuple[int, ...], hint: str) -> Any:
+    """The dataset ``name`` of an open file, its shape checked against ``shape`` (no data read)."""
+    missing = CheckpointError(f"{path}: dataset '{name}' is missing (expected shape {shape}). {hint}")
+    try:
+        link = handle.get(name, getlink=True)
+    except (KeyError, OSError, ValueError):  # e.g. a parent group that is a broken link
+        link = None
+    if link is None:
+        raise missing
+    try:
+        dataset = handle[name]
+    except (KeyError, OSError, ValueError) as exc:
+        # A dangling external or soft link: h5py raises KeyError("can't open file").
+        raise CheckpointError(
+            f"{path}: dataset '{name}' is {_describe_link(h5py, link)} that cannot be opened "
+            f"({exc}). Use a self-contained weights file, or put the linked file where the "
+            "link points."
+        ) from exc
+    if not isinstance(dataset, h5py.Dataset):
+        raise missing
+    if tuple(dataset.shape) != shape:
+        raise CheckpointError(
+            f"{path}: dataset '{name}' has shape {tuple(dataset.shape)}, expected {shape}. {hint}"
+        )
+    return dataset
+
+
+def _read_hdf5_arrays(path: PathLike, options: ElmoOptions) -> Dict[str, np.ndarray]:
+    """Every dataset ``options`` needs, as finite float32 arrays, read strictly.
+
+    All shapes are checked against the file's header first, so a file that does
+    not belong to the options fails before any weight is read or allocated.
+    Extra datasets are ignored.
     """
     h5py = _import_h5py()
-    path = Path(weights_path)
-    options = model.options
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(
             f"ELMo weights file not found: '{path}'. Pass the path of the 'weights.hdf5' "
             f"that belongs to the options file '{options.source}'."
         )
-    arrays: Dict[str, np.ndarray] = {}
     try:
         handle = h5py.File(path, "r")
     except (OSError, ValueError) as exc:
@@ -212,29 +262,20 @@ def load_elmo_hdf5_weights(model: ElmoBiLM, weights_path: PathLike) -> None:
             f"Could not open the ELMo weights file '{path}' as HDF5 ({exc}). The file is "
             "corrupt, truncated or not an HDF5 file; download it again."
         ) from exc
+    hint = (
+        f"The settings in '{options.source}' imply this shape; check that '{path}' and "
+        f"'{options.source}' belong to the same model."
+    )
     with handle:
-        for name, shape in expected_hdf5_shapes(options).items():
-            hint = (
-                f"Check that '{path}' and the options file '{options.source}' belong to "
-                "the same model."
-            )
-            try:
-                exists = name in handle
-            except (OSError, ValueError, KeyError):
-                exists = False
-            if not exists or not isinstance(handle[name], h5py.Dataset):
-                raise CheckpointError(
-                    f"{path}: dataset '{name}' is missing (expected shape {shape}). {hint}"
-                )
-            dataset = handle[name]
-            if tuple(dataset.shape) != shape:
-                raise CheckpointError(
-                    f"{path}: dataset '{name}' has shape {tuple(dataset.shape)}, expected {shape} "
-                    f"from '{options.source}'. {hint}"
-                )
+        datasets = {
+            name: _hdf5_dataset(h5py, handle, path, name, shape, hint)
+            for name, shape in expected_hdf5_shapes(options).items()
+        }
+        arrays: Dict[str, np.ndarray] = {}
+        for name, dataset in datasets.items():
             try:
                 value = np.asarray(dataset[...], dtype=np.float32)
-            except (OSError, ValueError, TypeError) as exc:
+            except (OSError, ValueError, TypeError, KeyError) as exc:
                 raise CheckpointError(
                     f"{path}: could not read dataset '{name}' as float32 ({exc}). The file "
                     "may be corrupt; download it again."
@@ -245,7 +286,16 @@ def load_elmo_hdf5_weights(model: ElmoBiLM, weights_path: PathLike) -> None:
                     "is corrupt; download it again."
                 )
             arrays[name] = value
-    _assign_tf_arrays(model, arrays)
+    return arrays
+
+
+def load_elmo_hdf5_weights(model: ElmoBiLM, weights_path: PathLike) -> None:
+    """Load a bilm-tf/AllenNLP ``weights.hdf5`` into ``model`` in place, strictly.
+
+    Every expected dataset must exist with exactly the expected shape and finite
+    values; extra datasets are ignored.
+    """
+    _assign_tf_arrays(model, _read_hdf5_arrays(weights_path, model.options))
 
 
 def load_elmo(options_path: PathLike, weights_path: PathLike, device: Device = None) -> ElmoBiLM:
@@ -258,10 +308,12 @@ def load_elmo(options_path: PathLike, weights_path: PathLike, device: Device = N
 
     Returns:
         The model in eval mode (it has no dropout, so the mode does not matter).
+        It is built only after the options and every dataset shape were checked.
     """
     options = ElmoOptions.from_file(options_path)
+    arrays = _read_hdf5_arrays(weights_path, options)
     model = ElmoBiLM(options)
-    load_elmo_hdf5_weights(model, weights_path)
+    _assign_tf_arrays(model, arrays)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -290,40 +342,57 @@ def save_elmo_hdf5(model: ElmoBiLM, path: PathLike) -> None:
 # --------------------------------------------------------------------------
 
 
-def _import_safetensors_torch():
-    try:
-        import safetensors.torch as st
-    except ImportError as exc:  # pragma: no cover
-        raise CheckpointError(
-            "Saving or loading ELMo as safetensors needs the 'safetensors' package: "
-            "pip install safetensors"
-        ) from exc
-    return st
-
-
-def _state_for_saving(model: ElmoBiLM) -> Dict[str, torch.Tensor]:
-    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
-
-
-def _metadata(model: ElmoBiLM) -> Dict[str, str]:
-    return {"format": _SAFETENSORS_FORMAT, "options": json.dumps(model.options.to_dict())}
-
-
 def save_elmo_safetensors(model: ElmoBiLM, path: PathLike) -> None:
     """Write the model (weights and options) to one safetensors file."""
-    st = _import_safetensors_torch()
-    st.save_file(_state_for_saving(model), str(path), metadata=_metadata(model))
+    try:
+        from safetensors.torch import save_file
+    except ImportError as exc:  # pragma: no cover - safetensors is a dependency
+        raise CheckpointError("Saving ELMo needs the 'safetensors' package: pip install safetensors") from exc
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
+    metadata = {"format": _SAFETENSORS_FORMAT, "options": json.dumps(model.options.to_dict())}
+    save_file(state, str(path), metadata=metadata)
 
 
-def elmo_to_bytes(model: ElmoBiLM) -> bytes:
-    """The model (weights and options) as safetensors bytes."""
-    st = _import_safetensors_torch()
-    return st.save(_state_for_saving(model), metadata=_metadata(model))
+def load_elmo_safetensors(path: PathLike, device: Device = None) -> ElmoBiLM:
+    """Load a model written by :func:`save_elmo_safetensors`.
+
+    The options in the metadata are validated and the tensor names and shapes in
+    the header are compared with the model they describe before any tensor is
+    read or the model is built.
+    """
+    try:
+        from safetensors import safe_open
+    except ImportError as exc:  # pragma: no cover - safetensors is a dependency
+        raise CheckpointError("Loading ELMo needs the 'safetensors' package: pip install safetensors") from exc
+
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise CheckpointError(f"ELMo safetensors file not found: '{path}'.")
+    try:
+        with safe_open(source, framework="pt") as handle:
+            metadata = handle.metadata()
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            options = _options_from_metadata(metadata, source)
+            _check_state_shapes(shapes, expected_state_shapes(options), source)
+            tensors = {name: handle.get_tensor(name) for name in shapes}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(
+            f"Could not read '{path}' as safetensors ({exc}). The file is corrupt; save it again."
+        ) from exc
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{source}: tensor '{name}' contains NaN or infinite values.")
+    model = ElmoBiLM(options)
+    model.load_state_dict(tensors)
+    if device is not None:
+        model.to(device)
+    return model.eval()
 
 
-def _model_from_state(
-    tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]], source: str, device: Device
-) -> ElmoBiLM:
+def _options_from_metadata(metadata: Any, source: str) -> ElmoOptions:
     if not metadata or metadata.get("format") != _SAFETENSORS_FORMAT or "options" not in metadata:
         raise CheckpointError(
             f"{source}: not a spacy-ctx ELMo safetensors file (metadata 'format' should be "
@@ -331,65 +400,25 @@ def _model_from_state(
         )
     try:
         options_dict = json.loads(metadata["options"])
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{source}: metadata 'options' is not valid JSON ({exc}).") from exc
-    options = ElmoOptions.from_dict(options_dict, source=f"{source} (metadata 'options')")
-    model = ElmoBiLM(options)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
+    return ElmoOptions.from_dict(options_dict, source=f"{source} (metadata 'options')")
+
+
+def _check_state_shapes(
+    found: Dict[str, Tuple[int, ...]], expected: Dict[str, Tuple[int, ...]], source: str
+) -> None:
+    missing = sorted(set(expected) - set(found))
     if missing:
         raise CheckpointError(
             f"{source}: tensor '{missing[0]}' is missing ({len(missing)} missing in all). The "
             "file does not match its own options; save it again."
         )
-    for name, tensor in tensors.items():
+    for name, shape in found.items():
         if name not in expected:
             raise CheckpointError(f"{source}: unexpected tensor '{name}'. Save the model again.")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+        if shape != expected[name]:
             raise CheckpointError(
-                f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, expected "
-                f"{tuple(expected[name].shape)}. Save the model again."
+                f"{source}: tensor '{name}' has shape {shape}, expected {expected[name]} from "
+                "the options in its metadata. Save the model again."
             )
-    model.load_state_dict(tensors)
-    if device is not None:
-        model.to(device)
-    return model.eval()
-
-
-def load_elmo_safetensors(path: PathLike, device: Device = None) -> ElmoBiLM:
-    """Load a model written by :func:`save_elmo_safetensors`."""
-    st = _import_safetensors_torch()
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"ELMo safetensors file not found: '{path}'.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata()
-        tensors = st.load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(
-            f"Could not read '{path}' as safetensors ({exc}). The file is corrupt; save it again."
-        ) from exc
-    return _model_from_state(tensors, metadata, str(path), device)
-
-
-def elmo_from_bytes(data: bytes, device: Device = None, *, source: str = "<bytes>") -> ElmoBiLM:
-    """Load a model from :func:`elmo_to_bytes` output."""
-    st = _import_safetensors_torch()
-    try:
-        tensors = st.load(data)
-        metadata = _read_safetensors_metadata(data)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"Could not read {source} as safetensors ({exc}).") from exc
-    return _model_from_state(tensors, metadata, source, device)
-
-
-def _read_safetensors_metadata(data: bytes) -> Optional[Dict[str, str]]:
-    """The ``__metadata__`` of safetensors bytes (8-byte little-endian header size + JSON)."""
-    header_size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_size].decode("utf-8"))
-    return header.get("__metadata__")

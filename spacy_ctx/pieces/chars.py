@@ -19,6 +19,10 @@ Padding *tokens* (positions past the end of a sentence in a padded batch) are
 rows of zeros. This module never produces them; batching code pads with
 ``np.zeros`` and the encoder treats an all-zero row as "no token".
 
+The encoder (``spacy_ctx.encoders.elmo``) takes tensors only and knows nothing of
+this module: the ELMo backend (``spacy_ctx.backends.elmo``) maps words to char ids
+here and frames every sentence with ``BOS_TOKEN`` ... ``EOS_TOKEN`` itself.
+
 This module depends on numpy only.
 """
 
