@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,19 +161,50 @@ def register_backend(cls: Type[Backend]) -> Type[Backend]:
 
 
 def load_backend(path: Union[str, Path]) -> Backend:
-    """Load a backend saved with :meth:`Backend.save`."""
+    """Load a backend saved with :meth:`Backend.save`.
+
+    ``backend.json`` is checked before any weight is read: it must be a JSON
+    object naming a known ``family``, and its other keys must be exactly settings
+    that family's constructor takes (keyword-only arguments), else
+    :class:`CheckpointError` names the file and the key.
+    """
     path = Path(path)
     meta_path = path / BACKEND_FILE
     try:
         meta = json.loads(meta_path.read_text(encoding="utf8"))
     except FileNotFoundError as err:
         raise CheckpointError(f"{meta_path}: missing; the pipeline folder is incomplete.") from err
-    except ValueError as err:
+    except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{meta_path}: not valid JSON ({err}).") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{meta_path}: must hold a JSON object of settings, found {type(meta).__name__}."
+        )
     family = meta.pop("family", None)
-    if family in _FAMILY_MODULES and family not in _BACKENDS:
+    if isinstance(family, str) and family in _FAMILY_MODULES and family not in _BACKENDS:
         # Families register themselves when their module is imported.
         importlib.import_module(_FAMILY_MODULES[family], __package__)
-    if family not in _BACKENDS:
+    if not isinstance(family, str) or family not in _BACKENDS:
         raise CheckpointError(f"{meta_path}: unknown encoder family {family!r}.")
-    return _BACKENDS[family].from_files(path, meta)
+    cls = _BACKENDS[family]
+    _check_settings(cls, meta, meta_path)
+    return cls.from_files(path, meta)
+
+
+def _check_settings(cls: Type[Backend], settings: Dict, source: Path) -> None:
+    """Settings must be keyword-only arguments of ``cls``; required ones present."""
+    params = [
+        p for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    allowed = {p.name for p in params}
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise CheckpointError(
+            f"{source}: unknown key {unknown[0]!r} for the {cls.family!r} encoder family "
+            f"(known: {', '.join(sorted(allowed))}). The folder was written by another "
+            "version of spacy-ctx or edited by hand."
+        )
+    missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in settings]
+    if missing:
+        raise CheckpointError(f"{source}: the required key {missing[0]!r} is missing.")

@@ -11,7 +11,7 @@ import torch
 
 from ..encoders.bert import BertEncoder
 from ..encoders.bert_checkpoint import load_bert_encoder
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .batching import pack_by_length
 from .windows import OVERLAP_MODES, WindowPlan, plan_windows
 from ..pieces.wordpiece import WordPieceTokenizer
@@ -57,10 +57,15 @@ class BertBackend(Backend):
             raise ConfigError(f"stride={stride} must be between 1 and window={window}.")
         if overlap not in OVERLAP_MODES:
             raise ConfigError(f"overlap must be one of {OVERLAP_MODES}, got {overlap!r}.")
-        if pieces.vocab_size > encoder.config.vocab_size:
-            raise ConfigError(
-                f"The tokenizer of '{name}' has {pieces.vocab_size} pieces but the model's "
-                f"vocab_size is {encoder.config.vocab_size}; they belong to different models."
+        # The largest id, not the vocabulary size, must fit the embedding table:
+        # ids need not be contiguous, and one id past the table would raise an
+        # IndexError for every batch that contains its word.
+        if pieces.max_id >= encoder.config.vocab_size:
+            where = pieces.source or f"the tokenizer of '{name}'"
+            raise CheckpointError(
+                f"{where}: the tokenizer produces piece ids up to {pieces.max_id} but the "
+                f"model's embedding table has {encoder.config.vocab_size} rows "
+                f"(vocab_size in config.json); they belong to different models."
             )
         self.window, self.stride, self.overlap = window, stride, overlap
 

@@ -9,9 +9,10 @@ dispatches to fused kernels on CUDA.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +31,41 @@ _ACTIVATIONS = {
 }
 
 
+# Generous upper bounds on single dimensions: far above any published BERT, far
+# below what would make building the model allocate absurd memory before the
+# weight file's shapes are compared. The real guard is the header check in
+# ``bert_checkpoint``; these keep a config alone from asking for terabytes.
+_MAX_DIM = 1 << 24
+_MAX_LAYERS = 1024
+_INT_LIMITS = {
+    "vocab_size": (1, _MAX_DIM),
+    "hidden_size": (1, _MAX_DIM),
+    "num_hidden_layers": (1, _MAX_LAYERS),
+    "num_attention_heads": (1, _MAX_DIM),
+    "intermediate_size": (1, _MAX_DIM),
+    "max_position_embeddings": (3, _MAX_DIM),  # [CLS] + one piece + [SEP]
+    "type_vocab_size": (1, _MAX_DIM),
+    "pad_token_id": (0, _MAX_DIM),
+}
+_PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class BertConfig:
-    """Hyper-parameters of a BERT encoder, read from a checkpoint's ``config.json``."""
+    """Hyper-parameters of a BERT encoder, read from a checkpoint's ``config.json``.
+
+    Every value is validated (type and range) on construction, so that a bad
+    ``config.json`` fails with a :class:`CheckpointError` naming the key before any
+    tensor is allocated.
+    """
 
     vocab_size: int
     hidden_size: int = 768
@@ -40,27 +73,57 @@ class BertConfig:
     num_attention_heads: int = 12
     intermediate_size: int = 3072
     hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
     layer_norm_eps: float = 1e-12
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     pad_token_id: int = 0
     model_type: str = "bert"
+    source: str = field(default="config.json", repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.hidden_act not in _ACTIVATIONS:
+        source = self.source
+        for key, (low, high) in _INT_LIMITS.items():
+            value = getattr(self, key)
+            if not _is_int(value):
+                raise CheckpointError(
+                    f"{source}: {key}={value!r} must be an integer, not {type(value).__name__}."
+                )
+            if not low <= value <= high:
+                raise CheckpointError(f"{source}: {key}={value} must be between {low} and {high}.")
+        for key in _PROBABILITIES:
+            value = getattr(self, key)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise CheckpointError(f"{source}: {key}={value!r} must be a number in [0, 1).")
+        eps = self.layer_norm_eps
+        if not _is_number(eps) or not math.isfinite(eps) or not 0 < eps < 1:
+            raise CheckpointError(f"{source}: layer_norm_eps={eps!r} must be a number in (0, 1).")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in _ACTIVATIONS:
             raise CheckpointError(
-                f"config.json: hidden_act={self.hidden_act!r} is not supported; "
+                f"{source}: hidden_act={self.hidden_act!r} is not supported; "
                 f"use one of {sorted(_ACTIVATIONS)}."
             )
+        if not isinstance(self.model_type, str):
+            raise CheckpointError(f"{source}: model_type={self.model_type!r} must be a string.")
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(
-                f"config.json: hidden_size={self.hidden_size} is not divisible by "
+                f"{source}: hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}."
+            )
+        if self.pad_token_id >= self.vocab_size:
+            raise CheckpointError(
+                f"{source}: pad_token_id={self.pad_token_id} is outside the vocabulary "
+                f"(vocab_size={self.vocab_size})."
             )
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any], *, source: str = "config.json") -> "BertConfig":
+    def from_dict(cls, data: Any, *, source: str = "config.json") -> "BertConfig":
         """Build from a Hugging Face config dict, ignoring keys we do not use."""
+        if not isinstance(data, dict):
+            raise CheckpointError(
+                f"{source}: must hold a JSON object of settings, found {type(data).__name__}."
+            )
         position_type = data.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise CheckpointError(
@@ -69,14 +132,10 @@ class BertConfig:
             )
         if "vocab_size" not in data:
             raise CheckpointError(f"{source}: the required key 'vocab_size' is missing.")
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        if kwargs.get("pad_token_id") is None:
-            kwargs.pop("pad_token_id", None)
-        try:
-            return cls(**kwargs)
-        except TypeError as err:
-            raise CheckpointError(f"{source}: invalid BERT config: {err}") from err
+        known = {f.name for f in fields(cls)} - {"source"}
+        # HF writes null for "use the default" in these keys.
+        kwargs = {k: v for k, v in data.items() if k in known and not (v is None and k in _NULLABLE)}
+        return cls(**kwargs, source=source)
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "BertConfig":
@@ -93,7 +152,51 @@ class BertConfig:
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """The settings as a ``config.json`` dict (without where they were read from)."""
+        data = asdict(self)
+        del data["source"]
+        return data
+
+
+_NULLABLE = ("pad_token_id", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def state_shapes(config: BertConfig) -> Dict[str, Tuple[int, ...]]:
+    """Name and shape of every tensor of ``BertEncoder(config).state_dict()``.
+
+    Computed from the config alone, so a checkpoint's shapes can be compared with
+    the model it describes before anything is allocated. A test keeps it equal
+    to the real module.
+    """
+    h, ffn = config.hidden_size, config.intermediate_size
+    shapes: Dict[str, Tuple[int, ...]] = {
+        "embeddings.word_embeddings.weight": (config.vocab_size, h),
+        "embeddings.position_embeddings.weight": (config.max_position_embeddings, h),
+        "embeddings.token_type_embeddings.weight": (config.type_vocab_size, h),
+        "embeddings.LayerNorm.weight": (h,),
+        "embeddings.LayerNorm.bias": (h,),
+    }
+    per_layer = {
+        "attention.self.query.weight": (h, h),
+        "attention.self.query.bias": (h,),
+        "attention.self.key.weight": (h, h),
+        "attention.self.key.bias": (h,),
+        "attention.self.value.weight": (h, h),
+        "attention.self.value.bias": (h,),
+        "attention.output.dense.weight": (h, h),
+        "attention.output.dense.bias": (h,),
+        "attention.output.LayerNorm.weight": (h,),
+        "attention.output.LayerNorm.bias": (h,),
+        "intermediate.dense.weight": (ffn, h),
+        "intermediate.dense.bias": (ffn,),
+        "output.dense.weight": (h, ffn),
+        "output.dense.bias": (h,),
+        "output.LayerNorm.weight": (h,),
+        "output.LayerNorm.bias": (h,),
+    }
+    for i in range(config.num_hidden_layers):
+        shapes.update({f"encoder.layer.{i}.{name}": shape for name, shape in per_layer.items()})
+    return shapes
 
 
 class BertEmbeddings(nn.Module):
@@ -105,7 +208,7 @@ class BertEmbeddings(nn.Module):
         )
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(0.1)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -124,7 +227,7 @@ class BertSelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout_p = 0.1
+        self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         batch, length, width = hidden.shape
@@ -142,12 +245,19 @@ class BertSelfAttention(nn.Module):
         return context.transpose(1, 2).reshape(batch, length, width)
 
 
-class BertSelfOutput(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+class BertOutputBlock(nn.Module):
+    """Dense projection to ``hidden_size``, dropout, residual add, LayerNorm.
+
+    HF has two such blocks per layer, both named ``output`` in the checkpoint:
+    after attention (input width ``hidden_size``) and after the feed-forward
+    (input width ``intermediate_size``).
+    """
+
+    def __init__(self, config: BertConfig, input_size: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(input_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(0.1)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
@@ -157,7 +267,7 @@ class BertAttention(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.self = BertSelfAttention(config)
-        self.output = BertSelfOutput(config)
+        self.output = BertOutputBlock(config, input_size=config.hidden_size)
 
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         return self.output(self.self(hidden, attn_mask), hidden)
@@ -178,10 +288,7 @@ class BertLayer(nn.Module):
         super().__init__()
         self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
-        # HF names the feed-forward output block "output"; it has the same shape
-        # as the attention output block except for the input width.
-        self.output = BertSelfOutput(config)
-        self.output.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.output = BertOutputBlock(config, input_size=config.intermediate_size)
 
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         attended = self.attention(hidden, attn_mask)

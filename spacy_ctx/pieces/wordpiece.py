@@ -34,10 +34,13 @@ class WordPieceTokenizer:
         sep_token: str = "[SEP]",
         pad_token: str = "[PAD]",
         unk_token: str = "[UNK]",
+        source: Optional[Union[str, Path]] = None,
     ) -> None:
         tokenizer.no_truncation()
         tokenizer.no_padding()
         self.tokenizer = tokenizer
+        # The file the vocabulary was read from, for error messages (None: built in memory).
+        self.source = None if source is None else str(source)
         self.special_tokens = {
             "cls_token": cls_token,
             "sep_token": sep_token,
@@ -48,8 +51,9 @@ class WordPieceTokenizer:
         for role, token in self.special_tokens.items():
             token_id = tokenizer.token_to_id(token)
             if token_id is None:
+                where = f"{self.source}: " if self.source else ""
                 raise CheckpointError(
-                    f"The tokenizer vocabulary has no {role} {token!r}; set it in "
+                    f"{where}the tokenizer vocabulary has no {role} {token!r}; set it in "
                     "tokenizer_config.json / special_tokens_map.json."
                 )
             ids[role] = token_id
@@ -61,6 +65,16 @@ class WordPieceTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_id(self) -> int:
+        """The largest piece id the tokenizer can produce (added tokens included).
+
+        This, not :attr:`vocab_size`, is what must fit the embedding table: ids need
+        not be contiguous, so a small vocabulary can still hold a huge id.
+        """
+        ids = self.tokenizer.get_vocab(with_added_tokens=True).values()
+        return max(ids, default=-1)
 
     def encode(self, docs_words: Sequence[Sequence[str]]) -> List[Tuple[np.ndarray, np.ndarray]]:
         """Encode several documents, each a list of words.
@@ -114,14 +128,16 @@ class WordPieceTokenizer:
                     f"{model_dir / TOKENIZER_FILE}: not a valid tokenizers file ({err})."
                 ) from err
             _apply_normalizer_settings(tokenizer, settings)
+            source = model_dir / TOKENIZER_FILE
         elif (model_dir / "vocab.txt").is_file():
             tokenizer = _tokenizer_from_vocab(model_dir / "vocab.txt", settings, specials)
+            source = model_dir / "vocab.txt"
         else:
             raise CheckpointError(
                 f"{model_dir}: neither tokenizer.json nor vocab.txt found; a BERT checkpoint "
                 "directory needs one of them."
             )
-        return cls(tokenizer, **specials)
+        return cls(tokenizer, **specials, source=source)
 
     def to_dir(self, path: Union[str, Path]) -> None:
         """Write ``tokenizer.json`` and the special-token names to a directory."""
@@ -135,11 +151,18 @@ class WordPieceTokenizer:
         """Read what :meth:`to_dir` wrote."""
         path = Path(path)
         specials = _read_json(path / SETTINGS_FILE)
+        roles = ("cls_token", "sep_token", "pad_token", "unk_token")
+        for key, value in specials.items():
+            if key not in roles or not isinstance(value, str):
+                raise CheckpointError(
+                    f"{path / SETTINGS_FILE}: unexpected entry {key!r}: {value!r}; it may "
+                    f"only map {', '.join(roles)} to token strings."
+                )
         try:
             tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
         except Exception as err:
             raise CheckpointError(f"{path / TOKENIZER_FILE}: cannot load tokenizer ({err}).") from err
-        return cls(tokenizer, **specials)
+        return cls(tokenizer, **specials, source=path / TOKENIZER_FILE)
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
