@@ -395,16 +395,25 @@ def setup_ctx_elmo(opts: WorkerOptions) -> Loaded:
             "cumulative": cache.stats,  # warm-up included
         }
         # What the biLM ran over (outside timing): sentences/chunks and their tokens.
-        segments = tokens = 0
         with nlp.select_pipes(enable=["sentencizer"]):
-            for doc in nlp.pipe(state["texts"], batch_size=opts.batch_size):
-                for segment in backend._segments(doc):
-                    segments += 1
-                    tokens += len(segment)
-        info["sequences"] = segments
-        info["encoded_positions"] = tokens + 2 * segments  # <S> and </S> per sentence
+            docs = list(nlp.pipe(state["texts"], batch_size=opts.batch_size))
+        info.update(elmo_segment_stats(backend, docs))
 
     return Loaded(process, info, finish)
+
+
+def elmo_segment_stats(backend: Any, docs: List[Any]) -> Dict[str, int]:
+    """``sequences`` (sentences/chunks) and ``encoded_positions`` (their tokens plus
+    <S> and </S> each) of ``docs`` through an ELMo backend, as the backend segments them."""
+    # ElmoBackend has no public counting method yet: this asks its own segmentation
+    # (ElmoBackend._segments: sentences, else chunks of chunk_size tokens, whitespace
+    # tokens left out), which returns (segments, whether the sentences were ignored).
+    segments = tokens = 0
+    for doc in docs:
+        doc_segments, _ = backend._segments(doc)
+        segments += len(doc_segments)
+        tokens += sum(len(segment) for segment in doc_segments)
+    return {"sequences": segments, "encoded_positions": tokens + 2 * segments}
 
 
 register_system(
