@@ -3,13 +3,28 @@ import spacy
 import torch
 
 from .bert_utils import minilm_dir, write_tiny_bert
-from .elmo_utils import refdata_dir
+from .elmo_utils import refdata_dir, write_random_elmo
+from .families import FAMILIES, Family
 
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
     """A tiny random BertModel checkpoint with vocab.txt (max 64 positions)."""
     return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_elmo_files(tmp_path_factory):
+    """A tiny random ELMo: (options.json, weights.hdf5), width 16, 2 LSTM layers."""
+    return write_random_elmo(tmp_path_factory.mktemp("tiny_elmo"), seed=0)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request) -> Family:
+    """Each encoder family with its tiny random checkpoint (see tests/families.py)."""
+    if request.param == "bert":
+        return Family("bert", (request.getfixturevalue("tiny_bert_dir"),))
+    return Family("elmo", tuple(request.getfixturevalue("tiny_elmo_files")))
 
 
 @pytest.fixture(scope="session")
