@@ -130,3 +130,13 @@ def test_many_docs_batched_equal_alone(tiny_bert_dir):
     for text, doc in zip(texts, batched):
         alone = nlp(text)
         np.testing.assert_allclose(doc._.ctx.layers, alone._.ctx.layers, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n", [0, 5, 100])
+def test_plan_windows_yields_each_windows_weights(n):
+    plan = plan_windows(n, 20, 12, "mean")
+    parts = list(plan.windows())
+    assert [(s, e) for s, e, _ in parts] == plan.spans
+    assert all(len(w) == e - s for s, e, w in parts)
+    flat = np.concatenate([w for _, _, w in parts]) if parts else np.zeros(0, np.float32)
+    np.testing.assert_array_equal(flat, plan.weights)

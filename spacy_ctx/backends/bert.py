@@ -85,6 +85,45 @@ class BertBackend(Backend):
             "overlap": self.overlap,
         }
 
+    # -- planning -------------------------------------------------------------------
+    def _plan(self, docs: Sequence) -> Tuple[List[Tuple[np.ndarray, np.ndarray]], List[WindowPlan]]:
+        """Pieces of every Doc (ids, piece_counts) and each Doc's window plan."""
+        encoded = self.pieces.encode([[token.text for token in doc] for doc in docs])
+        plans = [plan_windows(len(ids), self.window, self.stride, self.overlap) for ids, _ in encoded]
+        return encoded, plans
+
+    def window_stats(self, docs: Sequence, *, max_batch_tokens: Optional[int] = None) -> Dict[str, int]:
+        """What :meth:`encode_docs` would feed the encoder for ``docs``, without running it.
+
+        Tokenizes and plans windows exactly as encoding does. Returns:
+
+        - ``n_docs``: number of Docs;
+        - ``n_pieces``: word pieces of all Docs (no specials);
+        - ``n_windows``: encoder sequences (one per window; 0 for a Doc with no pieces);
+        - ``n_window_pieces``: pieces summed over windows (more than ``n_pieces``
+          where windows overlap);
+        - ``n_positions``: ``n_window_pieces`` plus [CLS]/[SEP] of each window, i.e.
+          the positions the encoder computes without padding.
+
+        With ``max_batch_tokens`` (the setting of the same name), also ``n_batches``
+        and ``n_padded_positions`` (rows x longest sequence, summed over batches).
+        """
+        encoded, plans = self._plan(docs)
+        lengths = [end - start for plan in plans for start, end in plan.spans]
+        stats = {
+            "n_docs": len(docs),
+            "n_pieces": sum(len(ids) for ids, _ in encoded),
+            "n_windows": len(lengths),
+            "n_window_pieces": sum(lengths),
+            "n_positions": sum(lengths) + N_SPECIALS * len(lengths),
+        }
+        if max_batch_tokens is not None:
+            sizes = [n + N_SPECIALS for n in lengths]
+            batches = pack_by_length(sizes, max_batch_tokens)
+            stats["n_batches"] = len(batches)
+            stats["n_padded_positions"] = sum(len(b) * max(sizes[i] for i in b) for b in batches)
+        return stats
+
     # -- encoding -----------------------------------------------------------------
     def encode_docs(
         self,
@@ -93,61 +132,72 @@ class BertBackend(Backend):
         max_batch_tokens: int,
         keep_layers: Optional[Sequence[int]] = None,
     ) -> List[CtxOutput]:
+        """Encode Docs: WordPiece, windows in piece space, length-sorted batches under
+        ``max_batch_tokens`` padded positions, windows stitched back per Doc."""
         keep = list(range(self.encoder.n_layers)) if keep_layers is None else list(keep_layers)
-        encoded = self.pieces.encode([[token.text for token in doc] for doc in docs])
-        plans = [plan_windows(len(ids), self.window, self.stride, self.overlap) for ids, _ in encoded]
-        # Every window of every doc, as (doc index, window index, piece ids).
-        windows: List[Tuple[int, int, np.ndarray]] = [
-            (d, w, encoded[d][0][start:end])
-            for d, plan in enumerate(plans)
-            for w, (start, end) in enumerate(plan.spans)
-        ]
-        results = self._encode_windows([ids for _, _, ids in windows], keep, max_batch_tokens)
-        per_doc: List[List[torch.Tensor]] = [[] for _ in docs]
-        for (d, _, _), result in zip(windows, results):
-            per_doc[d].append(result)
-        outputs = []
-        for (_, piece_counts), plan, doc_windows in zip(encoded, plans, per_doc):
-            outputs.append(CtxOutput(self._stitch(plan, doc_windows, len(keep)), piece_counts))
-        return outputs
-
-    def _encode_windows(
-        self, windows: List[np.ndarray], keep: List[int], max_batch_tokens: int
-    ) -> List[torch.Tensor]:
-        """Run the encoder on piece sequences; returns (n_keep, n_pieces, width) each."""
-        results: List[Optional[torch.Tensor]] = [None] * len(windows)
-        lengths = [len(ids) + N_SPECIALS for ids in windows]
+        encoded, plans = self._plan(docs)
+        # Each Doc's output is allocated once, and every window is added into it as
+        # soon as its batch is done, so no padded batch outlives its loop iteration
+        # and stitching makes no extra full-size copies (peak ~ model + output +
+        # one batch). In training the in-place adds into a fresh zeros tensor are
+        # recorded by autograd like any other op.
         device = self.device
+        outputs = [
+            torch.zeros((len(keep), len(ids), self.width), device=device) for ids, _ in encoded
+        ]
+        # Every window of every doc: (doc index, start, end, weights of its pieces).
+        windows: List[Tuple[int, int, int, np.ndarray]] = [
+            (d, start, end, weights)
+            for d, plan in enumerate(plans)
+            for start, end, weights in plan.windows()
+        ]
+        lengths = [end - start + N_SPECIALS for _, start, end, _ in windows]
         for batch in pack_by_length(lengths, max_batch_tokens):
-            longest = max(lengths[i] for i in batch)
-            input_ids = np.full((len(batch), longest), self.pieces.pad_id, dtype=np.int64)
-            mask = np.zeros((len(batch), longest), dtype=bool)
+            pieces = [encoded[d][0][start:end] for d, start, end, _ in (windows[i] for i in batch)]
+            hidden = self._encode_batch(pieces)
             for row, index in enumerate(batch):
-                ids = windows[index]
-                input_ids[row, 0] = self.pieces.cls_id
-                input_ids[row, 1 : len(ids) + 1] = ids
-                input_ids[row, len(ids) + 1] = self.pieces.sep_id
-                mask[row, : len(ids) + N_SPECIALS] = True
-            ids_t = torch.from_numpy(input_ids).to(device, non_blocking=True)
-            mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
-            with self.autocast():
-                hidden = self.encoder(ids_t, mask_t)
-            stacked = torch.stack([hidden[k] for k in keep]).float()
-            for row, index in enumerate(batch):
-                results[index] = stacked[:, row, 1 : len(windows[index]) + 1]
-        return results  # type: ignore[return-value]
+                d, start, end, weights = windows[index]
+                rows = [hidden[k][row, 1 : end - start + 1] for k in keep]  # drop [CLS]/[SEP]
+                self._add_window(outputs[d], rows, start, weights)
+            del hidden  # free the batch before the next one is encoded
+        return [CtxOutput(out, counts) for out, (_, counts) in zip(outputs, encoded)]
 
-    def _stitch(self, plan: WindowPlan, windows: List[torch.Tensor], n_keep: int) -> torch.Tensor:
-        if not windows:
-            return torch.zeros((n_keep, 0, self.width), device=self.device)
-        if plan.is_single:
-            return windows[0]
-        flat = torch.cat(windows, dim=1)
-        device = flat.device
-        weights = torch.from_numpy(plan.weights).to(device, flat.dtype)
-        destination = torch.from_numpy(plan.destination()).to(device)
-        stitched = flat.new_zeros((flat.shape[0], plan.n_pieces, flat.shape[2]))
-        return stitched.index_add(1, destination, flat * weights[None, :, None])
+    def _encode_batch(self, windows: List[np.ndarray]) -> List[torch.Tensor]:
+        """Run the encoder on piece sequences padded to one batch (with [CLS]/[SEP]);
+        returns every layer, (batch, longest, width) each."""
+        longest = max(len(ids) for ids in windows) + N_SPECIALS
+        input_ids = np.full((len(windows), longest), self.pieces.pad_id, dtype=np.int64)
+        mask = np.zeros((len(windows), longest), dtype=bool)
+        for row, ids in enumerate(windows):
+            input_ids[row, 0] = self.pieces.cls_id
+            input_ids[row, 1 : len(ids) + 1] = ids
+            input_ids[row, len(ids) + 1] = self.pieces.sep_id
+            mask[row, : len(ids) + N_SPECIALS] = True
+        device = self.device
+        ids_t = torch.from_numpy(input_ids).to(device, non_blocking=True)
+        mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
+        with self.autocast():
+            return self.encoder(ids_t, mask_t)
+
+    @staticmethod
+    def _add_window(
+        output: torch.Tensor, layers: List[torch.Tensor], start: int, weights: np.ndarray
+    ) -> None:
+        """Add one window's rows (one (n, width) tensor per kept layer), weighted, into
+        ``output`` (n_keep, n_pieces, width) from piece ``start`` on."""
+        used = np.flatnonzero(weights)
+        if not len(used):
+            return
+        # Only the span of rows with a weight is copied: with "best" overlap a window
+        # gives weight 0 to the rows another window sees with more context.
+        first, last = int(used[0]), int(used[-1]) + 1
+        rows = torch.stack([layer[first:last] for layer in layers]).to(output.dtype)
+        span = weights[first:last]
+        if not np.all(span == 1):
+            rows = rows * torch.from_numpy(span).to(output.device, output.dtype)[None, :, None]
+        # In place into a slice: no index tensor to copy to the device per window, and
+        # autograd records it (the output becomes part of the graph).
+        output.narrow(1, start + first, last - first).add_(rows)
 
     # -- files ----------------------------------------------------------------------
     def save_files(self, path: Path) -> None:

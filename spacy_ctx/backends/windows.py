@@ -10,7 +10,7 @@ the most context on both sides (``"best"``) or averages all windows (``"mean"``)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import numpy as np
 
@@ -30,9 +30,13 @@ class WindowPlan:
     spans: List[Tuple[int, int]]
     weights: np.ndarray
 
-    @property
-    def is_single(self) -> bool:
-        return len(self.spans) <= 1
+    def windows(self) -> Iterator[Tuple[int, int, np.ndarray]]:
+        """``(start, end, weights)`` of each window, ``weights`` a view of this
+        window's part of :attr:`weights` (one entry per piece of the window)."""
+        offset = 0
+        for start, end in self.spans:
+            yield start, end, self.weights[offset : offset + end - start]
+            offset += end - start
 
     def destination(self) -> np.ndarray:
         """Document piece index of every window piece, in window order."""
