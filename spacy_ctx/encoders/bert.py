@@ -31,10 +31,10 @@ _ACTIVATIONS = {
 }
 
 
-# Generous upper bounds on single dimensions: far above any published BERT, far
-# below what would make building the model allocate absurd memory before the
-# weight file's shapes are compared. The real guard is the header check in
-# ``bert_checkpoint``; these keep a config alone from asking for terabytes.
+# Generous bounds on single values, far above any published BERT: they turn absurd
+# values into a clear message naming the key. They do not bound the model's size
+# (16M x 16M would still be huge); that guard is ``bert_checkpoint``'s comparison
+# of the implied shapes with the weight file's header before anything is built.
 _MAX_DIM = 1 << 24
 _MAX_LAYERS = 1024
 _INT_LIMITS = {
@@ -48,6 +48,8 @@ _INT_LIMITS = {
     "pad_token_id": (0, _MAX_DIM),
 }
 _PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+# Keys where Hugging Face writes null for "the default".
+_NULLABLE = ("pad_token_id", "hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
 def _is_int(value: Any) -> bool:
@@ -133,7 +135,6 @@ class BertConfig:
         if "vocab_size" not in data:
             raise CheckpointError(f"{source}: the required key 'vocab_size' is missing.")
         known = {f.name for f in fields(cls)} - {"source"}
-        # HF writes null for "use the default" in these keys.
         kwargs = {k: v for k, v in data.items() if k in known and not (v is None and k in _NULLABLE)}
         return cls(**kwargs, source=source)
 
@@ -156,9 +157,6 @@ class BertConfig:
         data = asdict(self)
         del data["source"]
         return data
-
-
-_NULLABLE = ("pad_token_id", "hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
 def state_shapes(config: BertConfig) -> Dict[str, Tuple[int, ...]]:
