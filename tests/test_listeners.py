@@ -15,6 +15,7 @@ from spacy_ctx.thinc_layers.scalar_mix import ScalarMix
 
 from .bert_utils import write_tiny_bert
 from .elmo_utils import write_random_elmo
+from .families import Family
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [
@@ -53,20 +54,33 @@ def _textcat(tok2vec):
                       "use_reduce_mean": True, "tok2vec": tok2vec}}
 
 
-def _pipeline(bert_dir, *, frozen=False, ner="last", textcat="mix", grad_factor=1.0, **encoder_cfg):
+# A key parameter of the first and of the last encoder layer, per family.
+FIRST_AND_LAST_PARAMS = {
+    "bert": ("encoder.embeddings.word_embeddings.weight", "encoder.encoder.layer.1.output.dense.weight"),
+    "elmo": ("bilm.char_encoder.char_embedding.weight", "bilm.lstm.layers.1.input_weight"),
+}
+
+
+def _pipeline(source, *, frozen=False, ner="last", textcat="mix", grad_factor=1.0, **encoder_cfg):
+    """An encoder with listening ner/textcat; ``source`` is a Family or a BERT directory."""
+    family = source if isinstance(source, Family) else Family("bert", (Path(source),))
     nlp = spacy.blank("en")
-    config = {"model": {"name": str(bert_dir)}, "frozen": frozen, "store": "none",
-              "vector_hooks": False, **encoder_cfg}
-    nlp.add_pipe("ctx_bert", config=config)
+    config = {"model": family.model_config(**encoder_cfg.pop("model", {})), "frozen": frozen,
+              "store": "none", "vector_hooks": False, **encoder_cfg}
+    nlp.add_pipe(family.pipe, config=config)
     if ner:
-        nlp.add_pipe("ner", config=_ner(_listener(ner, grad_factor=grad_factor)))
+        nlp.add_pipe("ner", config=_ner(_listener(ner, upstream=family.pipe, grad_factor=grad_factor)))
     if textcat:
-        nlp.add_pipe("textcat", config=_textcat(_listener(textcat, grad_factor=grad_factor)))
+        nlp.add_pipe("textcat", config=_textcat(_listener(textcat, upstream=family.pipe, grad_factor=grad_factor)))
     return nlp
 
 
-def _encoder_params(nlp, name="ctx_bert"):
-    return nlp.get_pipe(name).model.shims[0]._model.named_parameters()
+def _encoder(nlp):
+    return nlp.get_pipe(nlp.pipe_names[0])
+
+
+def _encoder_params(nlp):
+    return _encoder(nlp).backend.named_parameters()
 
 
 def _snapshot(nlp):
@@ -86,15 +100,15 @@ def _train(nlp, n_steps, seed=0):
 
 
 # -- gradient flow ------------------------------------------------------------------------------
-def test_trainable_encoder_weights_change(tiny_bert_dir):
-    nlp = _pipeline(tiny_bert_dir)
+def test_trainable_encoder_weights_change(family):
+    nlp = _pipeline(family)
     _train(nlp, 1)
     before = _snapshot(nlp)
     _train_more(nlp, 3)
     after = _snapshot(nlp)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert "encoder.encoder.layer.1.output.dense.weight" in changed
-    assert "encoder.embeddings.word_embeddings.weight" in changed
+    first, last = FIRST_AND_LAST_PARAMS[family.name]
+    assert first in changed and last in changed
 
 
 def _train_more(nlp, n_steps):
@@ -104,8 +118,8 @@ def _train_more(nlp, n_steps):
         nlp.update(examples, sgd=optimizer)
 
 
-def test_frozen_encoder_is_bit_identical(tiny_bert_dir):
-    nlp = _pipeline(tiny_bert_dir, frozen=True)
+def test_frozen_encoder_is_bit_identical(family):
+    nlp = _pipeline(family, frozen=True)
     spacy.util.fix_random_seed(0)
     nlp.initialize(lambda: _examples(nlp))
     before = _snapshot(nlp)
@@ -116,19 +130,19 @@ def test_frozen_encoder_is_bit_identical(tiny_bert_dir):
     assert history[-1]["ner"] < history[1]["ner"]  # the heads still learn
 
 
-def test_grad_factor_zero_builds_no_graph(tiny_bert_dir):
-    nlp = _pipeline(tiny_bert_dir, grad_factor=0.0)
+def test_grad_factor_zero_builds_no_graph(family):
+    nlp = _pipeline(family, grad_factor=0.0)
     _train(nlp, 3)
     assert all(p.grad is None for _, p in _encoder_params(nlp))
-    component = nlp.get_pipe("ctx_bert")
+    component = _encoder(nlp)
     assert not component._tracks_grads()
 
 
-def test_gradients_are_summed_from_both_listeners(tiny_bert_dir):
+def test_gradients_are_summed_from_both_listeners(family):
     """The encoder gradient with two listeners = sum of the single-listener gradients."""
     grads = {}
     for name, kw in {"both": {}, "ner": {"textcat": None}, "textcat": {"ner": None}}.items():
-        nlp = _pipeline(tiny_bert_dir, **kw)
+        nlp = _pipeline(family, **kw)
         spacy.util.fix_random_seed(0)
         examples = _examples(nlp)
         nlp.initialize(lambda: examples)
@@ -143,18 +157,18 @@ def test_gradients_are_summed_from_both_listeners(tiny_bert_dir):
                             value = node.get_param(param)
                             node.set_param(param, rng.normal(0, 0.1, value.shape).astype("f"))
         nlp.update(examples, sgd=None, drop=0.0)
-        param = dict(_encoder_params(nlp))["encoder.encoder.layer.0.attention.self.query.weight"]
+        param = dict(_encoder_params(nlp))[FIRST_AND_LAST_PARAMS[family.name][1]]
         grads[name] = param.grad.clone()
     torch.testing.assert_close(grads["both"], grads["ner"] + grads["textcat"], atol=1e-5, rtol=1e-4)
 
 
 # -- one encoder pass, both heads learn ---------------------------------------------------------------
-def test_one_encoder_pass_per_update_and_both_heads_learn(tiny_bert_dir, monkeypatch):
-    nlp = _pipeline(tiny_bert_dir)
+def test_one_encoder_pass_per_update_and_both_heads_learn(family, monkeypatch):
+    nlp = _pipeline(family)
     spacy.util.fix_random_seed(0)
     examples = _examples(nlp)
     optimizer = nlp.initialize(lambda: examples)
-    backend = nlp.get_pipe("ctx_bert").model.shims[0]._model
+    backend = _encoder(nlp).backend
     calls = []
     original = backend.encode_docs
     monkeypatch.setattr(backend, "encode_docs", lambda docs, **kw: calls.append(len(docs)) or original(docs, **kw))
@@ -169,7 +183,9 @@ def test_one_encoder_pass_per_update_and_both_heads_learn(tiny_bert_dir, monkeyp
         return float(np.mean([history[i][name] for i in steps]))
 
     assert mean("ner", range(45, 50)) < 0.5 * mean("ner", range(0, 5))
-    assert mean("textcat", range(45, 50)) < 0.8 * mean("textcat", range(0, 5))
+    # The tiny random ELMo's vectors vary little between texts, so its textcat learns slowly.
+    textcat_factor = 0.8 if family.name == "bert" else 0.99
+    assert mean("textcat", range(45, 50)) < textcat_factor * mean("textcat", range(0, 5))
 
 
 def test_batch_mismatch_gives_spacy_error(tiny_bert_dir):
@@ -183,19 +199,18 @@ def test_batch_mismatch_gives_spacy_error(tiny_bert_dir):
 
 
 # -- frozen encoders, feature cache ------------------------------------------------------------
-def test_feature_cache_hit_on_second_epoch_with_identical_outputs(tiny_bert_dir, monkeypatch):
-    nlp = _pipeline(tiny_bert_dir, frozen=True)
+def test_feature_cache_hit_on_second_epoch_with_identical_outputs(family, monkeypatch):
+    nlp = _pipeline(family, frozen=True)
     examples = _examples(nlp)
     nlp.initialize(lambda: examples)
-    component = nlp.get_pipe("ctx_bert")
+    component = _encoder(nlp)
     cache = component.feature_cache
     cache.clear()
     hits = cache.hits
     docs = [eg.predicted for eg in examples]
     first = component._encode_without_grads(docs, None)
     assert cache.hits == hits and len(cache) == len(docs)
-    backend = component.model.shims[0]._model
-    monkeypatch.setattr(backend, "encode_docs", lambda *a, **k: pytest.fail("encoder ran on epoch 2"))
+    monkeypatch.setattr(component.backend, "encode_docs", lambda *a, **k: pytest.fail("encoder ran on epoch 2"))
     second = component._encode_without_grads([eg.predicted for eg in _examples(nlp)], None)
     assert cache.hits == hits + len(docs)
     for a, b in zip(first, second):
@@ -215,14 +230,14 @@ def test_feature_cache_off_switch_and_bound(tiny_bert_dir):
 
 # -- replace_listeners ---------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["last", "mix"])
-def test_replace_listeners_predicts_the_same(tiny_bert_dir, tmp_path, kind):
-    nlp = _pipeline(tiny_bert_dir, ner=None, textcat=kind)
+def test_replace_listeners_predicts_the_same(family, tmp_path, kind):
+    nlp = _pipeline(family, ner=None, textcat=kind)
     _train(nlp, 3)
     text = "Apple is buying a startup in London"
     expected = nlp(text).cats
-    nlp.replace_listeners("ctx_bert", "textcat", ["model.tok2vec"])
-    assert nlp.get_pipe("ctx_bert").listening_components == []
-    nlp.remove_pipe("ctx_bert")
+    nlp.replace_listeners(family.pipe, "textcat", ["model.tok2vec"])
+    assert nlp.get_pipe(family.pipe).listening_components == []
+    nlp.remove_pipe(family.pipe)
     got = nlp(text).cats
     assert got == pytest.approx(expected, abs=1e-5)
     assert nlp.config["components"]["textcat"]["model"]["tok2vec"]["@architectures"] == "spacy_ctx.StandaloneEncoder.v1"
@@ -334,9 +349,9 @@ def test_spacy_train_on_ready_config(config_name, train_assets, tmp_path):
         assert cats_a == pytest.approx(cats_b, abs=1e-6)
 
 
-def test_encoder_excluded_from_updates_still_feeds_listeners(tiny_bert_dir):
+def test_encoder_excluded_from_updates_still_feeds_listeners(family):
     """As with spaCy's frozen_components: no encoder update, listeners fall back."""
-    nlp = _pipeline(tiny_bert_dir)
+    nlp = _pipeline(family)
     spacy.util.fix_random_seed(0)
     examples = _examples(nlp)
     optimizer = nlp.initialize(lambda: examples)
@@ -344,7 +359,7 @@ def test_encoder_excluded_from_updates_still_feeds_listeners(tiny_bert_dir):
     history = []
     for _ in range(30):
         losses = {}
-        nlp.update(examples, sgd=optimizer, losses=losses, exclude=["ctx_bert"])
+        nlp.update(examples, sgd=optimizer, losses=losses, exclude=[family.pipe])
         history.append(losses)
     after = _snapshot(nlp)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -404,14 +419,14 @@ def test_encoder_in_annotating_components_still_trains(tiny_bert_dir):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_prediction_runs_the_encoder_once_per_batch(tiny_bert_dir, monkeypatch):
+def test_prediction_runs_the_encoder_once_per_batch(family, monkeypatch):
     """The parser predicts on re-sorted sub-batches; listeners still reuse the encoder pass."""
-    nlp = _pipeline(tiny_bert_dir)
+    nlp = _pipeline(family)
     _train(nlp, 2)
     texts = [t for t, _, _ in TRAIN] * 5 + ["a b c d e f g h i j k l"]
     expected = [(d.ents, d.cats) for d in nlp.pipe(texts, batch_size=8)]
-    component = nlp.get_pipe("ctx_bert")
-    backend = component.model.shims[0]._model
+    component = _encoder(nlp)
+    backend = component.backend
     calls = []
     original = backend.encode_docs
     monkeypatch.setattr(backend, "encode_docs", lambda docs, **kw: calls.append(len(docs)) or original(docs, **kw))
@@ -425,10 +440,10 @@ def test_prediction_runs_the_encoder_once_per_batch(tiny_bert_dir, monkeypatch):
         assert listener.attrs["link"].predicted == {}
 
 
-def test_feature_cache_never_serves_a_trainable_encoder(tiny_bert_dir):
-    nlp = _pipeline(tiny_bert_dir)
+def test_feature_cache_never_serves_a_trainable_encoder(family):
+    nlp = _pipeline(family)
     _train(nlp, 2)
-    component = nlp.get_pipe("ctx_bert")
+    component = _encoder(nlp)
     docs = [eg.predicted for eg in _examples(nlp)]
     first = component.encode_for_listener(docs, "last")
     _train_more(nlp, 3)  # the weights change
