@@ -168,25 +168,11 @@ def setup_ctx_bert(opts: WorkerOptions) -> Loaded:
 
 def bert_window_stats(backend: Any, docs: List[Any]) -> Dict[str, int]:
     """``pieces``, ``sequences`` (windows) and ``encoded_positions`` (window pieces plus
-    [CLS]/[SEP]) of ``docs`` through a BERT backend, asked of the backend itself."""
-    window_stats = getattr(backend, "window_stats", None)
-    if window_stats is not None:  # what encode_docs would feed the encoder, without running it
-        stats = window_stats(docs)
-        return {"pieces": stats["n_pieces"], "sequences": stats["n_windows"],
-                "encoded_positions": stats["n_positions"]}
-    # FALLBACK for a BertBackend without window_stats: the backend's own tokenizer and
-    # its own window planner (spacy_ctx.backends.windows.plan_windows) with the
-    # backend's window/stride/overlap settings; no planning logic here.
-    from spacy_ctx.backends.bert import N_SPECIALS
-    from spacy_ctx.backends.windows import plan_windows
-
-    pieces = sequences = positions = 0
-    for ids, _ in backend.pieces.encode([[token.text for token in doc] for doc in docs]):
-        spans = plan_windows(len(ids), backend.window, backend.stride, backend.overlap).spans
-        pieces += len(ids)
-        sequences += len(spans)
-        positions += sum(end - start + N_SPECIALS for start, end in spans)
-    return {"pieces": pieces, "sequences": sequences, "encoded_positions": positions}
+    [CLS]/[SEP]) of ``docs``: what the backend's encode_docs feeds the encoder, as the
+    backend reports it without running the model (``BertBackend.window_stats``)."""
+    stats = backend.window_stats(docs)
+    return {"pieces": stats["n_pieces"], "sequences": stats["n_windows"],
+            "encoded_positions": stats["n_positions"]}
 
 
 @register_system(
