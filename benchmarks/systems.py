@@ -395,16 +395,9 @@ def setup_ctx_elmo(opts: WorkerOptions) -> Loaded:
 
 def elmo_segment_stats(backend: Any, docs: List[Any]) -> Dict[str, int]:
     """``sequences`` (sentences/chunks) and ``encoded_positions`` (their tokens plus
-    <S> and </S> each) of ``docs`` through an ELMo backend, as the backend segments them."""
-    # ElmoBackend has no public counting method yet: this asks its own segmentation
-    # (ElmoBackend._segments: sentences, else chunks of chunk_size tokens, whitespace
-    # tokens left out), which returns (segments, whether the sentences were ignored).
-    segments = tokens = 0
-    for doc in docs:
-        doc_segments, _ = backend._segments(doc)
-        segments += len(doc_segments)
-        tokens += sum(len(segment) for segment in doc_segments)
-    return {"sequences": segments, "encoded_positions": tokens + 2 * segments}
+    <S> and </S> each) of ``docs``, as the ELMo backend itself counts them."""
+    stats = backend.segment_stats(docs)
+    return {"sequences": stats["n_segments"], "encoded_positions": stats["n_positions"]}
 
 
 register_system(

@@ -362,3 +362,28 @@ def test_small_word_cache_evicts_and_stays_correct(tiny_files: Files) -> None:
         for doc, expected in zip(nlp.pipe(TEXTS), reference):
             np.testing.assert_array_equal(layers_of(doc), expected)
     assert len(nlp.get_pipe("ctx_elmo").backend.word_cache) <= 3
+
+
+def test_segment_stats_match_what_is_encoded(tiny_files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    nlp = make_nlp(tiny_files, sentencizer=True, model={"chunk_size": 3})
+    texts = ["One two. Three four five six seven.", "", "  \n ", "A lone sentence without end"]
+    docs = [nlp.make_doc(text) for text in texts]
+    for name, proc in nlp.pipeline[:-1]:
+        docs = [proc(doc) for doc in docs]
+    backend = nlp.get_pipe("ctx_elmo").backend
+    stats = backend.segment_stats(docs, max_batch_tokens=12)
+    seen = []
+    forward = backend.bilm.forward_from_embeddings
+
+    def spy(embeddings, lengths):
+        seen.append((embeddings.shape[0], embeddings.shape[1], [int(n) for n in lengths]))
+        return forward(embeddings, lengths)
+
+    monkeypatch.setattr(backend.bilm, "forward_from_embeddings", spy)
+    backend.encode_docs(docs, max_batch_tokens=12)
+    lengths = [n for _, _, batch in seen for n in batch]
+    assert stats["n_segments"] == len(lengths)
+    assert stats["n_positions"] == sum(lengths)
+    assert stats["n_tokens"] == sum(1 for doc in docs for t in doc if not t.is_space)
+    assert stats["n_batches"] == len(seen)
+    assert stats["n_padded_positions"] == sum(rows * longest for rows, longest, _ in seen)

@@ -144,6 +144,29 @@ class ElmoBackend(Backend):
                 segments.append(kept[offset : offset + self.chunk_size])
         return segments, bad_sentences
 
+    def segment_stats(self, docs: Sequence, *, max_batch_tokens: Optional[int] = None) -> Dict[str, int]:
+        """What :meth:`encode_docs` would feed the encoder for ``docs``, without running it.
+
+        The ELMo counterpart of ``BertBackend.window_stats``. Returns ``n_docs``,
+        ``n_tokens`` (non-space tokens encoded), ``n_segments`` (sentences or chunks:
+        encoder sequences) and ``n_positions`` (tokens plus ``<S>``/``</S>`` of each
+        segment); with ``max_batch_tokens`` also ``n_batches`` and ``n_padded_positions``.
+        """
+        sizes = [
+            len(segment) + N_BOUNDARIES for doc in docs for segment in self._segments(doc)[0]
+        ]
+        stats = {
+            "n_docs": len(docs),
+            "n_tokens": sum(sizes) - N_BOUNDARIES * len(sizes),
+            "n_segments": len(sizes),
+            "n_positions": sum(sizes),
+        }
+        if max_batch_tokens is not None:
+            batches = pack_by_length(sizes, max_batch_tokens)
+            stats["n_batches"] = len(batches)
+            stats["n_padded_positions"] = sum(len(b) * max(sizes[i] for i in b) for b in batches)
+        return stats
+
     # -- encoding -------------------------------------------------------------------
     def encode_docs(
         self,
