@@ -261,7 +261,7 @@ def test_add_pipe_does_not_load_weights(tiny_bert_dir: Path, loader_calls: List[
 
 def test_add_pipe_with_default_hub_model_does_no_io(loader_calls: List[str]) -> None:
     nlp = spacy.blank("en")
-    component = nlp.add_pipe("ctx_bert")  # default: a hub id, which needs the network
+    component = nlp.add_pipe("ctx_bert")  # default model: resolved (and loaded) only on first use
     assert not component.is_loaded
     assert loader_calls == []
 
