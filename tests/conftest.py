@@ -19,6 +19,21 @@ def tiny_elmo_files(tmp_path_factory):
     return write_random_elmo(tmp_path_factory.mktemp("tiny_elmo"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tiny models on one thread (``pytestmark = usefixtures(...)``).
+
+    The ELMo LSTM does a few tiny matmuls per time step; with several OpenMP
+    threads every one of them pays a thread sync, and on a busy 2-core machine
+    the tests then take minutes instead of seconds. Results do not depend on it
+    (the thread-count test checks that).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request) -> Family:
     """Each encoder family with its tiny random checkpoint (see tests/families.py)."""

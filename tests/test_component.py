@@ -74,18 +74,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*W109")
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Run these tiny models on one thread.
-
-    The ELMo LSTM does a few tiny matmuls per time step; with several OpenMP
-    threads every one of them pays a thread sync, and on a busy 2-core machine
-    the tests then take minutes instead of seconds.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ import h5py
 import numpy as np
 import pytest
 import spacy
-import torch
 from spacy.tokens import Doc
 
 from spacy_ctx.errors import CheckpointError
@@ -96,19 +95,7 @@ def sentence_doc(nlp, sentences: Sequence[Sequence[str]]) -> Doc:
     return Doc(nlp.vocab, words=words, sent_starts=starts)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Run these tiny models on one thread.
-
-    The LSTM does a few tiny matmuls per time step; with several OpenMP threads
-    every one of them pays a thread sync, and on a busy 2-core machine the file
-    then takes minutes instead of seconds. Results are the same either way (the
-    encoder is bitwise independent of the thread count on CPU).
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from .elmo_utils import write_random_elmo
 from .families import Family
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TRAIN = [
     ("Apple is buying a startup in London", [(0, 5, "ORG"), (29, 35, "GPE")], "BIZ"),
     ("We sat on the river bank in Paris today", [(28, 33, "GPE")], "OTHER"),
