@@ -23,6 +23,19 @@ from spacy.tokens import Doc
 
 FAMILIES = ("bert", "elmo")
 
+BANK_TEXT = "The bank raised rates. We sat on the river bank."
+#: More pieces than one BERT window holds.
+LONG_TEXT = "the company said that the startup would buy the bank in new york " * 6
+#: Several sentences per Doc, and very different lengths (for batching).
+BATCH_TEXTS = [
+    BANK_TEXT,
+    "Hello world!",
+    "A much longer document. It has several sentences, some of them longer than others. "
+    "Short one. And then a final sentence with quite a few more words in it than the rest.",
+    "Crème brûlée über 東京 🙂 naïve.",
+    "x",
+]
+
 
 @dataclass(frozen=True)
 class Family:

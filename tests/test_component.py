@@ -36,20 +36,8 @@ from spacy_ctx import install_vector_hooks
 from spacy_ctx.ctx_data import CtxData
 from spacy_ctx.errors import CheckpointError, ConfigError
 
-from .families import Family, check_doc, first_use_raises
+from .families import BANK_TEXT, BATCH_TEXTS, LONG_TEXT, Family, check_doc, first_use_raises
 
-BANK_TEXT = "The bank raised rates. We sat on the river bank."
-#: More pieces than one BERT window holds.
-LONG_TEXT = "the company said that the startup would buy the bank in new york " * 6
-#: Several sentences per Doc, and very different lengths (for batching).
-BATCH_TEXTS = [
-    BANK_TEXT,
-    "Hello world!",
-    "A much longer document. It has several sentences, some of them longer than others. "
-    "Short one. And then a final sentence with quite a few more words in it than the rest.",
-    "Crème brûlée über 東京 🙂 naïve.",
-    "x",
-]
 #: Texts for pipelines and serialized Docs; the longest is last.
 TEXTS = [
     "Hello world.",

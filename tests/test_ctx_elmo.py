@@ -27,22 +27,14 @@ from spacy_ctx.errors import CheckpointError
 from spacy_ctx.loaders import ELMO_MODELS
 
 from .elmo_utils import write_random_elmo
-from .families import first_use_raises
+from .families import BANK_TEXT, BATCH_TEXTS, first_use_raises
 
 Files = Tuple[Path, Path]
 
 #: Width of every layer of the tiny random model (2 * projection_dim).
 TINY_WIDTH = 16
 LAYER_NAMES = ["token", "lstm_1", "lstm_2"]
-BANK_TEXT = "The bank raised rates. We sat on the river bank."
-TEXTS = [
-    BANK_TEXT,
-    "Hello world!",
-    "A much longer document. It has several sentences, some of them longer than others. "
-    "Short one. And then a final sentence with quite a few more words in it than the rest.",
-    "Crème brûlée über 東京 🙂 naïve.",
-    "x",
-]
+TEXTS = BATCH_TEXTS
 
 
 # --------------------------------------------------------------------------
