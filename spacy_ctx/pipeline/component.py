@@ -31,6 +31,7 @@ from ..thinc_layers.backend_layer import (
     set_backend,
 )
 from ..thinc_layers.listeners import LAYERS_ALL, build_standalone, get_batch_id, is_listener
+from . import allocator
 from .feature_cache import FeatureCache, doc_key
 
 STORE_MODES = ("none", "last", "all")
@@ -329,6 +330,7 @@ class CtxComponent(TrainablePipe):
         if self.optimizer is not None:
             self.optimizer.step_schedules()
         self.backend.weights_changed()
+        allocator.after_training_step()  # freed activations: pages back to the OS, every N steps
 
     def get_loss(self, examples, scores):
         raise NotImplementedError("The encoder has no loss of its own; listeners provide it.")

@@ -23,7 +23,7 @@ import torch
 from spacy.tokens import Doc
 from thinc.api import Model, PyTorchGradScaler, PyTorchShim
 from thinc.backends import CupyOps
-from thinc.util import xp2torch
+from thinc.util import torch2xp, xp2torch
 
 from ..backends import CtxOutput, Backend, load_backend
 from ..errors import ConfigError
@@ -60,6 +60,24 @@ class BackendShim(PyTorchShim):
         if self._model is None:  # still lazy: the config names what to load
             return srsly.msgpack_dumps({"config": self.cfg, "state": b""})
         return super().to_bytes()
+
+    def finish_update(self, optimizer) -> None:
+        """Thinc's update, but the new weights are written into the parameters in place.
+
+        ``PyTorchShim.finish_update`` sets ``param.data`` to a tensor made from the
+        optimizer's result, a numpy/cupy view of the previous ``param.data``: each step
+        chained one more tensor and array per parameter, never freed (issue 7, 2.10).
+        """
+        for name, param in self._model.named_parameters() if self._model is not None else ():
+            if param.grad is None:
+                continue
+            if not self._grad_scaler.found_inf:  # skip the step if a gradient overflowed
+                weights, _ = optimizer((self.id, name), torch2xp(param.data), torch2xp(param.grad))
+                updated = xp2torch(weights, device=param.device)
+                if updated.data_ptr() != param.data.data_ptr():  # not updated in place
+                    param.data.copy_(updated.view_as(param.data))
+            param.grad.zero_()
+        self._grad_scaler.update()
 
 
 def build_backend_layer(loader: BackendLoader, *, device: Optional[str] = None) -> BackendLayer:
