@@ -291,8 +291,6 @@ def build(
     from spacy.training.initialize import init_nlp
     from spacy.util import load_config
 
-    import spacy_ctx  # noqa: F401  (registers the factories and architectures)
-
     config = load_config(config_path)
     docs = make_docs(spacy.blank(config["nlp"]["lang"]), data, config["nlp"]["pipeline"], n_docs, max_tokens, seed)
     n_dev = min(n_dev, max(1, len(docs) // 10))

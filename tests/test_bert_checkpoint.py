@@ -323,7 +323,7 @@ def test_tensor_in_two_shards(ckpt: Path, no_build) -> None:
 
 
 def _tokenizer_json_with(ckpt: Path, *, word_id: int = None, added_id: int = None) -> Path:
-    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordPiece
 
     vocab = [line for line in (ckpt / "vocab.txt").read_text().splitlines() if line]

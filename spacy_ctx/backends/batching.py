@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 
 def pack_by_length(lengths: Sequence[int], max_batch_tokens: int) -> List[List[int]]:
@@ -28,3 +28,12 @@ def pack_by_length(lengths: Sequence[int], max_batch_tokens: int) -> List[List[i
     if current:
         batches.append(current)
     return batches
+
+
+def batch_stats(lengths: Sequence[int], max_batch_tokens: int) -> Dict[str, int]:
+    """``n_batches`` and ``n_padded_positions`` (rows x longest, summed) of :func:`pack_by_length`."""
+    batches = pack_by_length(lengths, max_batch_tokens)
+    return {
+        "n_batches": len(batches),
+        "n_padded_positions": sum(len(b) * max(lengths[i] for i in b) for b in batches),
+    }

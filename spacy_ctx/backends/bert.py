@@ -12,7 +12,7 @@ import torch
 from ..encoders.bert import BertEncoder
 from ..encoders.bert_checkpoint import load_bert_encoder
 from ..errors import CheckpointError, ConfigError
-from .batching import pack_by_length
+from .batching import batch_stats, pack_by_length
 from .windows import OVERLAP_MODES, WindowPlan, plan_windows
 from ..pieces.wordpiece import WordPieceTokenizer
 from .base import CtxOutput, Backend, register_backend
@@ -118,10 +118,7 @@ class BertBackend(Backend):
             "n_positions": sum(lengths) + N_SPECIALS * len(lengths),
         }
         if max_batch_tokens is not None:
-            sizes = [n + N_SPECIALS for n in lengths]
-            batches = pack_by_length(sizes, max_batch_tokens)
-            stats["n_batches"] = len(batches)
-            stats["n_padded_positions"] = sum(len(b) * max(sizes[i] for i in b) for b in batches)
+            stats.update(batch_stats([n + N_SPECIALS for n in lengths], max_batch_tokens))
         return stats
 
     # -- encoding -----------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..encoders.elmo_checkpoint import (
 from ..errors import ConfigError
 from ..pieces.chars import BOS_TOKEN, EOS_TOKEN, elmo_char_ids
 from .base import Backend, CtxOutput, register_backend
-from .batching import pack_by_length
+from .batching import batch_stats, pack_by_length
 from .word_cache import WordEmbeddingCache, embed_distinct_words
 
 WEIGHTS_FILE = "model.safetensors"
@@ -162,9 +162,7 @@ class ElmoBackend(Backend):
             "n_positions": sum(sizes),
         }
         if max_batch_tokens is not None:
-            batches = pack_by_length(sizes, max_batch_tokens)
-            stats["n_batches"] = len(batches)
-            stats["n_padded_positions"] = sum(len(b) * max(sizes[i] for i in b) for b in batches)
+            stats.update(batch_stats(sizes, max_batch_tokens))
         return stats
 
     # -- encoding -------------------------------------------------------------------
