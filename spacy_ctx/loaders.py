@@ -9,14 +9,18 @@ from typing import Optional, Tuple, Union
 from .assets import installed_copy
 from .errors import CheckpointError
 
-# Files a BERT checkpoint may need; the weights are fetched separately so that only
-# one format is downloaded.
+# Files a transformer checkpoint may need (config and the tokenizer of any family:
+# tokenizer.json, WordPiece vocab.txt, byte-level BPE vocab.json + merges.txt); the
+# weights are fetched separately so that only one format is downloaded.
 _HUB_SIDE_FILES = [
     "config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
     "vocab.txt",
+    "vocab.json",
+    "merges.txt",
 ]
 _HUB_WEIGHTS = (["model.safetensors"], ["model.safetensors.index.json", "model-*.safetensors"],
                 ["pytorch_model.bin"])
