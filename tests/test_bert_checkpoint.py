@@ -4,7 +4,8 @@ A bad ``config.json``, weight file, safetensors index, tokenizer or ``backend.js
 must fail with a :class:`CheckpointError` that names the file (and the key), fast,
 and before the model is built, so nothing of the size the config claims is ever
 allocated. Every test here patches ``BertEncoder.__init__`` where building the
-model would already be a bug.
+model would already be a bug (building it on the ``meta`` device to learn its
+shapes is allowed: that allocates nothing).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from spacy_ctx.backends import load_backend
 from spacy_ctx.backends.bert import BertBackend
-from spacy_ctx.encoders.bert import BertConfig, BertEncoder, BertOutputBlock, state_shapes
+from spacy_ctx.encoders.bert import BERT, BertConfig, BertEncoder
 from spacy_ctx.encoders.bert_checkpoint import load_bert_encoder
+from spacy_ctx.encoders.blocks import PostNormLayer
 from spacy_ctx.errors import CheckpointError
 
 from .bert_utils import tiny_config
@@ -42,8 +44,12 @@ def ckpt(tiny_bert_dir: Path, tmp_path: Path) -> Path:
 def no_build(monkeypatch):
     """Fail the test if the model gets built."""
 
+    build = BertEncoder.__init__
+
     def refuse(self, config):
-        pytest.fail(f"BertEncoder was built for a bad checkpoint ({config})")
+        if torch.get_default_device().type != "meta":  # meta: shapes only, no memory
+            pytest.fail(f"BertEncoder was built for a bad checkpoint ({config})")
+        build(self, config)
 
     monkeypatch.setattr(BertEncoder, "__init__", refuse)
 
@@ -137,11 +143,12 @@ def test_integer_weights_are_refused(ckpt: Path, no_build, dtype) -> None:
     raises_fast(ckpt, str(ckpt / WEIGHTS), key, "floating point")
 
 
-def test_state_shapes_match_the_module() -> None:
-    config = BertConfig(**{k: v for k, v in tiny_config(50, num_hidden_layers=3).items()
-                           if k in BertConfig.__dataclass_fields__})
+def test_family_state_shapes_match_the_module() -> None:
+    config = BertConfig.from_dict(tiny_config(50, num_hidden_layers=3))
     module = {name: tuple(t.shape) for name, t in BertEncoder(config).state_dict().items()}
-    assert state_shapes(config) == module
+    assert BERT.state_shapes(config) == module
+    # Every tensor has a checkpoint name, and the names map back.
+    assert all(BERT.to_ours(BERT.to_checkpoint(name)) == name for name in module)
 
 
 def test_config_round_trip_and_null_defaults() -> None:
@@ -151,6 +158,8 @@ def test_config_round_trip_and_null_defaults() -> None:
     assert config.pad_token_id == 0 and config.hidden_dropout_prob == 0.1
     assert "source" not in config.to_dict()
     assert BertConfig.from_dict(config.to_dict()) == config
+    # The original dict is kept, verbatim, for saving.
+    assert config.to_dict()["pad_token_id"] is None and config.raw["architectures"] == ["BertModel"]
 
 
 # --------------------------------------------------------------------------
@@ -163,18 +172,31 @@ def test_dropout_probabilities_come_from_config(ckpt: Path) -> None:
     _, encoder = load_bert_encoder(ckpt)
     hidden_p = {m.p for m in encoder.modules() if isinstance(m, torch.nn.Dropout)}
     assert hidden_p == {0.0}
-    assert {layer.attention.self.dropout_p for layer in encoder.encoder.layer} == {0.25}
+    assert {layer.attention.dropout_p for layer in encoder.layers} == {0.25}
     # Saved and reloaded settings keep them.
     assert encoder.config.to_dict()["attention_probs_dropout_prob"] == 0.25
 
 
-def test_output_blocks_have_their_input_width() -> None:
+def test_layers_are_the_shared_post_norm_blocks() -> None:
     config = BertConfig(vocab_size=20, hidden_size=16, num_attention_heads=2, intermediate_size=40,
                         num_hidden_layers=1, max_position_embeddings=8)
-    layer = BertEncoder(config).encoder.layer[0]
-    assert isinstance(layer.output, BertOutputBlock)
-    assert (layer.attention.output.dense.in_features, layer.output.dense.in_features) == (16, 40)
-    assert BertOutputBlock(config, input_size=7).dense.weight.shape == (16, 7)
+    layer = BertEncoder(config).layers[0]
+    assert isinstance(layer, PostNormLayer)
+    assert (layer.attention.out.in_features, layer.ffn.outer.in_features) == (16, 40)
+    assert layer.ffn.inner.weight.shape == (40, 16)
+
+
+def test_tf_layer_norm_names_still_load(ckpt: Path, tiny_bert_dir: Path) -> None:
+    """Old TF-converted checkpoints call LayerNorm parameters gamma and beta."""
+    state = load_file(str(ckpt / WEIGHTS))
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in state.items()}
+    assert any(k.endswith("gamma") for k in renamed)
+    save_file(renamed, str(ckpt / WEIGHTS))
+    _, converted = load_bert_encoder(ckpt)
+    _, original = load_bert_encoder(tiny_bert_dir)
+    for (name, a), (_, b) in zip(converted.state_dict().items(), original.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 # --------------------------------------------------------------------------

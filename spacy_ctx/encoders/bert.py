@@ -1,72 +1,75 @@
-"""BERT-family encoder in plain PyTorch.
+"""The post-norm BERT-shaped families: BERT, RoBERTa (XLM-R, CamemBERT), ELECTRA,
+DistilBERT.
 
-The module layout mirrors Hugging Face's ``BertModel`` parameter names (minus the
-pooler), so checkpoints map onto it key for key. Attention uses
-``torch.nn.functional.scaled_dot_product_attention`` with a padding mask, which
-dispatches to fused kernels on CUDA.
+All four are embeddings (word + position [+ token type], LayerNorm) followed by
+:class:`~.blocks.PostNormLayer` layers. They differ only in
+
+- position ids: BERT counts 0, 1, 2, ...; RoBERTa starts at ``pad_token_id + 1``
+  and counts non-padding pieces only (padding gets ``pad_token_id``);
+- ELECTRA's embeddings may be narrower than the layers (``embedding_size``), with
+  a linear projection between them;
+- DistilBERT has no token types, its own config keys and its own tensor names.
+
+Each is a :class:`~.family.Family` (config reader, module, checkpoint names),
+registered by ``model_type``. Our modules use our own tensor names (the shared
+blocks' names); ``Family.names`` maps Hugging Face names onto them.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from .blocks import FeedForward, PostNormLayer, SelfAttention, key_padding_mask
+from .config import (
+    MAX_DIM,
+    MAX_LAYERS,
+    check_activation,
+    check_bool,
+    check_divisible,
+    check_eps,
+    check_int,
+    check_probability,
+    check_str,
+    pick,
+    read_config_file,
+    require_keys,
+    require_object,
+)
+from .family import Family, TransformerEncoder, register_family
 
-_ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
-
-
-# Generous bounds on single values, far above any published BERT: they turn absurd
-# values into a clear message naming the key. They do not bound the model's size
-# (16M x 16M would still be huge); that guard is ``bert_checkpoint``'s comparison
-# of the implied shapes with the weight file's header before anything is built.
-_MAX_DIM = 1 << 24
-_MAX_LAYERS = 1024
+# (low, high) for every integer setting of BertConfig.
 _INT_LIMITS = {
-    "vocab_size": (1, _MAX_DIM),
-    "hidden_size": (1, _MAX_DIM),
-    "num_hidden_layers": (1, _MAX_LAYERS),
-    "num_attention_heads": (1, _MAX_DIM),
-    "intermediate_size": (1, _MAX_DIM),
-    "max_position_embeddings": (3, _MAX_DIM),  # [CLS] + one piece + [SEP]
-    "type_vocab_size": (1, _MAX_DIM),
-    "pad_token_id": (0, _MAX_DIM),
+    "vocab_size": (1, MAX_DIM),
+    "hidden_size": (1, MAX_DIM),
+    "num_hidden_layers": (1, MAX_LAYERS),
+    "num_attention_heads": (1, MAX_DIM),
+    "intermediate_size": (1, MAX_DIM),
+    "max_position_embeddings": (3, MAX_DIM),  # [CLS] + one piece + [SEP]
+    "type_vocab_size": (1, MAX_DIM),
+    "pad_token_id": (0, MAX_DIM),
+    "embedding_size": (1, MAX_DIM),
 }
 _PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 # Keys where Hugging Face writes null for "the default".
-_NULLABLE = ("pad_token_id", "hidden_dropout_prob", "attention_probs_dropout_prob")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+_NULLABLE = ("pad_token_id", "hidden_dropout_prob", "attention_probs_dropout_prob", "embedding_size")
+ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
 
 
 @dataclass
 class BertConfig:
-    """Hyper-parameters of a BERT encoder, read from a checkpoint's ``config.json``.
+    """Hyper-parameters of a BERT, RoBERTa or ELECTRA encoder (``config.json``).
 
     Every value is validated (type and range) on construction, so that a bad
     ``config.json`` fails with a :class:`CheckpointError` naming the key before any
-    tensor is allocated.
+    tensor is allocated. ``embedding_size`` (ELECTRA) is the width of the
+    embeddings, None for ``hidden_size``. ``raw`` is the ``config.json`` dict as
+    read, written back verbatim when a pipeline is saved.
     """
 
     vocab_size: int
@@ -82,240 +85,239 @@ class BertConfig:
     type_vocab_size: int = 2
     pad_token_id: int = 0
     model_type: str = "bert"
+    embedding_size: Optional[int] = None
     source: str = field(default="config.json", repr=False, compare=False)
+    raw: Optional[Dict[str, Any]] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         source = self.source
+        if self.embedding_size is None:
+            self.embedding_size = self.hidden_size if _is_plain_int(self.hidden_size) else None
         for key, (low, high) in _INT_LIMITS.items():
-            value = getattr(self, key)
-            if not _is_int(value):
-                raise CheckpointError(
-                    f"{source}: {key}={value!r} must be an integer, not {type(value).__name__}."
-                )
-            if not low <= value <= high:
-                raise CheckpointError(f"{source}: {key}={value} must be between {low} and {high}.")
+            check_int(getattr(self, key), key, low, high, source)
         for key in _PROBABILITIES:
-            value = getattr(self, key)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                raise CheckpointError(f"{source}: {key}={value!r} must be a number in [0, 1).")
-        eps = self.layer_norm_eps
-        if not _is_number(eps) or not math.isfinite(eps) or not 0 < eps < 1:
-            raise CheckpointError(f"{source}: layer_norm_eps={eps!r} must be a number in (0, 1).")
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in _ACTIVATIONS:
+            check_probability(getattr(self, key), key, source)
+        check_eps(self.layer_norm_eps, "layer_norm_eps", source)
+        check_activation(self.hidden_act, "hidden_act", source)
+        check_str(self.model_type, "model_type", source)
+        check_divisible(
+            self.hidden_size, "hidden_size", self.num_attention_heads, "num_attention_heads", source
+        )
+        if self.pad_token_id >= self.vocab_size:
             raise CheckpointError(
-                f"{source}: hidden_act={self.hidden_act!r} is not supported; "
-                f"use one of {sorted(_ACTIVATIONS)}."
+                f"{source}: pad_token_id={self.pad_token_id} is outside the vocabulary "
+                f"(vocab_size={self.vocab_size})."
             )
-        if not isinstance(self.model_type, str):
-            raise CheckpointError(f"{source}: model_type={self.model_type!r} must be a string.")
-        if self.hidden_size % self.num_attention_heads:
+        if self.model_type in ROBERTA_TYPES and self.max_positions < 3:
             raise CheckpointError(
-                f"{source}: hidden_size={self.hidden_size} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}."
+                f"{source}: max_position_embeddings={self.max_position_embeddings} leaves "
+                f"{self.max_positions} positions after the pad_token_id={self.pad_token_id} "
+                "offset of RoBERTa position ids; at least 3 are needed (<s> piece </s>)."
             )
+
+    @property
+    def max_positions(self) -> int:
+        """Longest input: RoBERTa's position ids start at ``pad_token_id + 1``."""
+        if self.model_type in ROBERTA_TYPES:
+            return self.max_position_embeddings - self.pad_token_id - 1
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Any,
+        *,
+        source: str = "config.json",
+        defaults: Optional[Dict[str, Any]] = None,
+        keys: Optional[Tuple[str, ...]] = None,
+    ) -> "BertConfig":
+        """Build from a Hugging Face config dict, ignoring keys we do not use.
+
+        defaults: the family's defaults for keys the dict lacks (Hugging Face's
+        own defaults differ between BERT, RoBERTa and ELECTRA). keys: the settings
+        this family reads (ELECTRA alone reads ``embedding_size``).
+        """
+        data = require_object(data, source)
+        position_type = data.get("position_embedding_type", "absolute")
+        if position_type not in ("absolute", None):
+            raise CheckpointError(
+                f"{source}: position_embedding_type={position_type!r} is not supported "
+                "(only 'absolute' position embeddings are implemented)."
+            )
+        require_keys(data, ("vocab_size",), source)
+        known = keys or tuple(f.name for f in fields(cls) if f.name not in ("source", "raw", "embedding_size"))
+        base = {f.name: f.default for f in fields(cls) if f.name in known and f.name != "vocab_size"}
+        values = pick(data, {**base, **(defaults or {}), "vocab_size": None}, _NULLABLE)
+        values = {k: v for k, v in values.items() if k in known}
+        return cls(**values, source=source, raw=dict(data))
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "BertConfig":
+        """Read a ``config.json`` file."""
+        return cls.from_dict(read_config_file(path), source=str(path))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The ``config.json`` dict: the original one where there is one (so a saved
+        pipeline writes back what it read), else our settings."""
+        if self.raw is not None:
+            return dict(self.raw)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("source", "raw")}
+        if self.model_type != "electra":
+            del data["embedding_size"]
+        return data
+
+
+def _is_plain_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# -- DistilBERT's config ------------------------------------------------------------------
+_DISTIL_INTS = {
+    "vocab_size": (1, MAX_DIM),
+    "dim": (1, MAX_DIM),
+    "n_layers": (1, MAX_LAYERS),
+    "n_heads": (1, MAX_DIM),
+    "hidden_dim": (1, MAX_DIM),
+    "max_position_embeddings": (3, MAX_DIM),
+    "pad_token_id": (0, MAX_DIM),
+}
+
+
+@dataclass
+class DistilBertConfig:
+    """DistilBERT's ``config.json`` under its own key names, validated like
+    :class:`BertConfig`; the common names (``hidden_size``, ``num_hidden_layers``,
+    ...) are properties, so :class:`BertEncoder` and the backend read it like any
+    family's config."""
+
+    vocab_size: int = 30522
+    dim: int = 768
+    n_layers: int = 6
+    n_heads: int = 12
+    hidden_dim: int = 3072
+    activation: str = "gelu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    max_position_embeddings: int = 512
+    sinusoidal_pos_embds: bool = False  # the table is stored in the checkpoint either way
+    pad_token_id: int = 0
+    model_type: str = "distilbert"
+    source: str = field(default="config.json", repr=False, compare=False)
+    raw: Optional[Dict[str, Any]] = field(default=None, repr=False, compare=False)
+
+    # Fixed in DistilBERT: no token types, LayerNorm eps 1e-12.
+    type_vocab_size = 0
+    layer_norm_eps = 1e-12
+
+    def __post_init__(self) -> None:
+        source = self.source
+        for key, (low, high) in _DISTIL_INTS.items():
+            check_int(getattr(self, key), key, low, high, source)
+        check_probability(self.dropout, "dropout", source)
+        check_probability(self.attention_dropout, "attention_dropout", source)
+        check_activation(self.activation, "activation", source)
+        check_bool(self.sinusoidal_pos_embds, "sinusoidal_pos_embds", source)
+        check_str(self.model_type, "model_type", source)
+        check_divisible(self.dim, "dim", self.n_heads, "n_heads", source)
         if self.pad_token_id >= self.vocab_size:
             raise CheckpointError(
                 f"{source}: pad_token_id={self.pad_token_id} is outside the vocabulary "
                 f"(vocab_size={self.vocab_size})."
             )
 
-    @classmethod
-    def from_dict(cls, data: Any, *, source: str = "config.json") -> "BertConfig":
-        """Build from a Hugging Face config dict, ignoring keys we do not use."""
-        if not isinstance(data, dict):
-            raise CheckpointError(
-                f"{source}: must hold a JSON object of settings, found {type(data).__name__}."
-            )
-        position_type = data.get("position_embedding_type", "absolute")
-        if position_type != "absolute":
-            raise CheckpointError(
-                f"{source}: position_embedding_type={position_type!r} is not supported "
-                "(only 'absolute' BERT position embeddings are implemented)."
-            )
-        if "vocab_size" not in data:
-            raise CheckpointError(f"{source}: the required key 'vocab_size' is missing.")
-        known = {f.name for f in fields(cls)} - {"source"}
-        kwargs = {k: v for k, v in data.items() if k in known and not (v is None and k in _NULLABLE)}
-        return cls(**kwargs, source=source)
+    hidden_size = property(lambda self: self.dim)
+    embedding_size = property(lambda self: self.dim)
+    num_hidden_layers = property(lambda self: self.n_layers)
+    num_attention_heads = property(lambda self: self.n_heads)
+    intermediate_size = property(lambda self: self.hidden_dim)
+    hidden_act = property(lambda self: self.activation)
+    hidden_dropout_prob = property(lambda self: self.dropout)
+    attention_probs_dropout_prob = property(lambda self: self.attention_dropout)
+    max_positions = property(lambda self: self.max_position_embeddings)
 
     @classmethod
-    def from_file(cls, path: Union[str, Path]) -> "BertConfig":
-        """Read a ``config.json`` file."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf8"))
-        except FileNotFoundError as err:
-            raise CheckpointError(
-                f"{path}: no config.json; a BERT checkpoint directory needs one."
-            ) from err
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path}: not valid JSON ({err}).") from err
-        return cls.from_dict(data, source=str(path))
+    def from_dict(cls, data: Any, *, source: str = "config.json") -> "DistilBertConfig":
+        data = require_object(data, source)
+        require_keys(data, ("vocab_size",), source)
+        defaults = {f.name: f.default for f in fields(cls) if f.name not in ("source", "raw")}
+        values = pick(data, defaults, ("pad_token_id", "dropout", "attention_dropout"))
+        return cls(**values, source=source, raw=dict(data))
 
     def to_dict(self) -> Dict[str, Any]:
-        """The settings as a ``config.json`` dict (without where they were read from)."""
-        data = asdict(self)
-        del data["source"]
-        return data
+        if self.raw is not None:
+            return dict(self.raw)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("source", "raw")}
 
 
-def state_shapes(config: BertConfig) -> Dict[str, Tuple[int, ...]]:
-    """Name and shape of every tensor of ``BertEncoder(config).state_dict()``.
-
-    Computed from the config alone, so a checkpoint's shapes can be compared with
-    the model it describes before anything is allocated. A test keeps it equal
-    to the real module.
-    """
-    h, ffn = config.hidden_size, config.intermediate_size
-    shapes: Dict[str, Tuple[int, ...]] = {
-        "embeddings.word_embeddings.weight": (config.vocab_size, h),
-        "embeddings.position_embeddings.weight": (config.max_position_embeddings, h),
-        "embeddings.token_type_embeddings.weight": (config.type_vocab_size, h),
-        "embeddings.LayerNorm.weight": (h,),
-        "embeddings.LayerNorm.bias": (h,),
-    }
-    per_layer = {
-        "attention.self.query.weight": (h, h),
-        "attention.self.query.bias": (h,),
-        "attention.self.key.weight": (h, h),
-        "attention.self.key.bias": (h,),
-        "attention.self.value.weight": (h, h),
-        "attention.self.value.bias": (h,),
-        "attention.output.dense.weight": (h, h),
-        "attention.output.dense.bias": (h,),
-        "attention.output.LayerNorm.weight": (h,),
-        "attention.output.LayerNorm.bias": (h,),
-        "intermediate.dense.weight": (ffn, h),
-        "intermediate.dense.bias": (ffn,),
-        "output.dense.weight": (h, ffn),
-        "output.dense.bias": (h,),
-        "output.LayerNorm.weight": (h,),
-        "output.LayerNorm.bias": (h,),
-    }
-    for i in range(config.num_hidden_layers):
-        shapes.update({f"encoder.layer.{i}.{name}": shape for name, shape in per_layer.items()})
-    return shapes
+FamilyConfig = Union[BertConfig, DistilBertConfig]
 
 
+# -- the module -------------------------------------------------------------------------
 class BertEmbeddings(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    """word + position (+ token type) embeddings, LayerNorm, dropout, then (ELECTRA,
+    when ``embedding_size != hidden_size``) a projection to ``hidden_size``."""
+
+    def __init__(self, config: FamilyConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embeddings = nn.Embedding(
-            config.max_position_embeddings, config.hidden_size
+        width = config.embedding_size
+        self.word = nn.Embedding(config.vocab_size, width)
+        self.position = nn.Embedding(config.max_position_embeddings, width)
+        self.token_type = (
+            nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size else None
         )
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        hidden = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(positions)[None]
-            + self.token_type_embeddings(token_type_ids)
+        self.project = (
+            nn.Linear(width, config.hidden_size) if width != config.hidden_size else None
         )
-        return self.dropout(self.LayerNorm(hidden))
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        hidden = self.word(input_ids) + self.position(position_ids)
+        if self.token_type is not None:
+            if token_type_ids is None:
+                # Every piece is of type 0: one row, broadcast.
+                hidden = hidden + self.token_type.weight[0]
+            else:
+                hidden = hidden + self.token_type(token_type_ids)
+        hidden = self.dropout(self.norm(hidden))
+        return hidden if self.project is None else self.project(hidden)
 
 
-class BertSelfAttention(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.n_heads = config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout_p = config.attention_probs_dropout_prob
+class BertEncoder(TransformerEncoder):
+    """Embeddings plus post-norm layers; returns every layer's hidden states.
 
-    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        batch, length, width = hidden.shape
-
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, length, self.n_heads, -1).transpose(1, 2)
-
-        context = F.scaled_dot_product_attention(
-            heads(self.query(hidden)),
-            heads(self.key(hidden)),
-            heads(self.value(hidden)),
-            attn_mask=attn_mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
-        )
-        return context.transpose(1, 2).reshape(batch, length, width)
-
-
-class BertOutputBlock(nn.Module):
-    """Dense projection to ``hidden_size``, dropout, residual add, LayerNorm.
-
-    HF has two such blocks per layer, both named ``output`` in the checkpoint:
-    after attention (input width ``hidden_size``) and after the feed-forward
-    (input width ``intermediate_size``).
+    Serves BERT, ELECTRA and DistilBERT as is; :class:`RobertaEncoder` changes
+    the position ids.
     """
 
-    def __init__(self, config: BertConfig, input_size: int) -> None:
-        super().__init__()
-        self.dense = nn.Linear(input_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
-
-
-class BertAttention(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.self = BertSelfAttention(config)
-        self.output = BertOutputBlock(config, input_size=config.hidden_size)
-
-    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(hidden, attn_mask), hidden)
-
-
-class BertIntermediate(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.activation = _ACTIVATIONS[config.hidden_act]
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.dense(hidden))
-
-
-class BertLayer(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.attention = BertAttention(config)
-        self.intermediate = BertIntermediate(config)
-        self.output = BertOutputBlock(config, input_size=config.intermediate_size)
-
-    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        attended = self.attention(hidden, attn_mask)
-        return self.output(self.intermediate(attended), attended)
-
-
-class BertStack(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
-
-
-class BertEncoder(nn.Module):
-    """BERT embeddings plus transformer layers; returns every layer's hidden states."""
-
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: FamilyConfig) -> None:
         super().__init__()
         self.config = config
+        width = config.hidden_size
         self.embeddings = BertEmbeddings(config)
-        self.encoder = BertStack(config)
+        self.layers = nn.ModuleList(
+            PostNormLayer(
+                SelfAttention(
+                    width, config.num_attention_heads, dropout=config.attention_probs_dropout_prob
+                ),
+                FeedForward(width, config.intermediate_size, config.hidden_act),
+                width,
+                config.layer_norm_eps,
+                config.hidden_dropout_prob,
+            )
+            for _ in range(config.num_hidden_layers)
+        )
 
     @property
-    def n_layers(self) -> int:
-        """Number of outputs of :meth:`forward`: the embedding output plus each layer."""
-        return self.config.num_hidden_layers + 1
+    def max_length(self) -> int:
+        """Longest input (pieces, specials included) the position table covers."""
+        return self.config.max_position_embeddings
 
-    @property
-    def layer_names(self) -> List[str]:
-        return ["embeddings"] + [f"layer_{i + 1}" for i in range(self.config.num_hidden_layers)]
+    def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch|1, length) positions: 0, 1, 2, ..."""
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None]
 
     def forward(
         self,
@@ -331,20 +333,170 @@ class BertEncoder(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
+        if input_ids.shape[1] > self.max_length:
             raise ValueError(
                 f"input_ids has {input_ids.shape[1]} positions but the model supports "
-                f"{self.config.max_position_embeddings}; cut the input into windows."
+                f"{self.max_length}; cut the input into windows."
             )
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        hidden = self.embeddings(input_ids, token_type_ids)
-        attn_mask = None
-        if attention_mask is not None:
-            # (batch, 1, 1, length) boolean mask: keys that may be attended to.
-            attn_mask = attention_mask.to(torch.bool)[:, None, None, :]
+        hidden = self.embeddings(input_ids, self.position_ids(input_ids), token_type_ids)
+        mask = key_padding_mask(attention_mask)
         outputs = [hidden]
-        for layer in self.encoder.layer:
-            hidden = layer(hidden, attn_mask)
+        for layer in self.layers:
+            hidden = layer(hidden, mask)
             outputs.append(hidden)
         return outputs
+
+
+class RobertaEncoder(BertEncoder):
+    """BERT with RoBERTa's position ids: ``pad_token_id + 1`` onwards, counted over
+    pieces that are not padding (a padding id gets ``pad_token_id``), so padding on
+    the left or in the middle would not shift the real pieces' positions."""
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_position_embeddings - self.config.pad_token_id - 1
+
+    def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        pad = self.config.pad_token_id
+        real = input_ids.ne(pad).to(torch.long)
+        return torch.cumsum(real, dim=1) * real + pad
+
+
+# -- families -------------------------------------------------------------------------------
+_EMBEDDING_NAMES = (
+    ("embeddings.word_embeddings.", "embeddings.word."),
+    ("embeddings.position_embeddings.", "embeddings.position."),
+    ("embeddings.token_type_embeddings.", "embeddings.token_type."),
+    ("embeddings.LayerNorm.", "embeddings.norm."),
+)
+BERT_NAMES = _EMBEDDING_NAMES + (
+    ("encoder.layer.{n}.attention.self.query.", "layers.{n}.attention.query."),
+    ("encoder.layer.{n}.attention.self.key.", "layers.{n}.attention.key."),
+    ("encoder.layer.{n}.attention.self.value.", "layers.{n}.attention.value."),
+    ("encoder.layer.{n}.attention.output.dense.", "layers.{n}.attention.out."),
+    ("encoder.layer.{n}.attention.output.LayerNorm.", "layers.{n}.attention_norm."),
+    ("encoder.layer.{n}.intermediate.dense.", "layers.{n}.ffn.inner."),
+    ("encoder.layer.{n}.output.dense.", "layers.{n}.ffn.outer."),
+    ("encoder.layer.{n}.output.LayerNorm.", "layers.{n}.ffn_norm."),
+)
+ELECTRA_NAMES = BERT_NAMES + (("embeddings_project.", "embeddings.project."),)
+DISTILBERT_NAMES = _EMBEDDING_NAMES[:2] + (
+    ("embeddings.LayerNorm.", "embeddings.norm."),
+    ("transformer.layer.{n}.attention.q_lin.", "layers.{n}.attention.query."),
+    ("transformer.layer.{n}.attention.k_lin.", "layers.{n}.attention.key."),
+    ("transformer.layer.{n}.attention.v_lin.", "layers.{n}.attention.value."),
+    ("transformer.layer.{n}.attention.out_lin.", "layers.{n}.attention.out."),
+    ("transformer.layer.{n}.sa_layer_norm.", "layers.{n}.attention_norm."),
+    ("transformer.layer.{n}.ffn.lin1.", "layers.{n}.ffn.inner."),
+    ("transformer.layer.{n}.ffn.lin2.", "layers.{n}.ffn.outer."),
+    ("transformer.layer.{n}.output_layer_norm.", "layers.{n}.ffn_norm."),
+)
+# Inside the encoder prefix, on purpose not ours: the pooler, and buffers that
+# older versions of transformers saved.
+_SKIPPED = (r"^pooler\.", r"^embeddings\.position_ids$", r"^embeddings\.token_type_ids$")
+
+_BERT_KEYS = tuple(
+    f.name for f in fields(BertConfig) if f.name not in ("source", "raw", "embedding_size")
+)
+# Hugging Face's defaults for keys a config.json lacks, where they differ from BERT's.
+_ROBERTA_DEFAULTS = {"pad_token_id": 1}
+_ELECTRA_DEFAULTS = {
+    "embedding_size": 128,
+    "hidden_size": 256,
+    "num_attention_heads": 4,
+    "intermediate_size": 1024,
+}
+
+
+def read_bert_config(data: Dict[str, Any], source: str) -> BertConfig:
+    return BertConfig.from_dict(data, source=source, keys=_BERT_KEYS)
+
+
+def read_roberta_config(data: Dict[str, Any], source: str) -> BertConfig:
+    return BertConfig.from_dict(data, source=source, defaults=_ROBERTA_DEFAULTS, keys=_BERT_KEYS)
+
+
+def read_electra_config(data: Dict[str, Any], source: str) -> BertConfig:
+    return BertConfig.from_dict(
+        data, source=source, defaults=_ELECTRA_DEFAULTS, keys=_BERT_KEYS + ("embedding_size",)
+    )
+
+
+def read_distilbert_config(data: Dict[str, Any], source: str) -> DistilBertConfig:
+    return DistilBertConfig.from_dict(data, source=source)
+
+
+def _positions(config: FamilyConfig) -> int:
+    return config.max_positions
+
+
+BERT = register_family(
+    Family(
+        name="bert",
+        model_types=("bert",),
+        read_config=read_bert_config,
+        build=BertEncoder,
+        usable_positions=_positions,
+        prefixes=("bert.", ""),
+        names=BERT_NAMES,
+        skipped=_SKIPPED,
+        heads=(r"^cls\.",),
+        tokenizer_kind="wordpiece",
+    )
+)
+ROBERTA = register_family(
+    Family(
+        name="roberta",
+        model_types=("roberta",),
+        read_config=read_roberta_config,
+        build=RobertaEncoder,
+        usable_positions=_positions,
+        prefixes=("roberta.", ""),
+        names=BERT_NAMES,
+        skipped=_SKIPPED,
+        heads=(r"^lm_head\.",),
+        tokenizer_kind="bpe",
+    )
+)
+# XLM-R and CamemBERT: RoBERTa's module and names (their checkpoints use the
+# ``roberta.`` prefix too) with a SentencePiece (Unigram) tokenizer.
+XLM_ROBERTA = register_family(replace(ROBERTA, model_types=("xlm-roberta",), tokenizer_kind="unigram"))
+CAMEMBERT = register_family(replace(ROBERTA, model_types=("camembert",), tokenizer_kind="unigram"))
+ELECTRA = register_family(
+    Family(
+        name="electra",
+        model_types=("electra",),
+        read_config=read_electra_config,
+        build=BertEncoder,
+        usable_positions=_positions,
+        prefixes=("electra.", ""),
+        names=ELECTRA_NAMES,
+        skipped=_SKIPPED,
+        heads=(
+            r"^discriminator_predictions\.",
+            r"^generator_predictions\.",
+            r"^generator_lm_head\.",
+            r"^sequence_summary\.",
+        ),
+        tokenizer_kind="wordpiece",
+    )
+)
+DISTILBERT = register_family(
+    Family(
+        name="distilbert",
+        model_types=("distilbert",),
+        read_config=read_distilbert_config,
+        build=BertEncoder,
+        usable_positions=_positions,
+        prefixes=("distilbert.", ""),
+        names=DISTILBERT_NAMES,
+        skipped=(r"^embeddings\.position_ids$",),
+        heads=(
+            r"^vocab_transform\.",
+            r"^vocab_layer_norm\.",
+            r"^vocab_projector\.",
+            r"^pre_classifier\.",
+        ),
+        tokenizer_kind="wordpiece",
+    )
+)
