@@ -373,19 +373,25 @@ def map_checkpoint_keys(weights: CheckpointWeights, family: Family, config: Any)
                 f"floating point ({', '.join(_FLOAT_DTYPES)})."
             )
     missing = [k for k in expected if k not in mapped]  # module order: layer 2 before 10
-    if missing:
-        names = missing if own else [prefix + (family.to_checkpoint(k) or k) for k in missing]
-        shown = ", ".join(repr(k) for k in names[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(
-            f"{source}: missing key(s) {shown}{more}. The weights file is incomplete or is "
-            f"not a {model_type!r} model."
+    if missing or unexpected:
+        problems = []
+        if missing:
+            names = missing if own else [prefix + (family.to_checkpoint(k) or k) for k in missing]
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            problems.append(f"missing key(s) {', '.join(repr(k) for k in names[:5])}{more}")
+        if unexpected:
+            more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+            shown = ", ".join(f"'{k}' {weights.shapes[k]}" for k in unexpected[:5])
+            problems.append(f"unexpected key(s) {shown}{more} inside the encoder")
+        inner = [k[len(prefix):] for k in unexpected]
+        others = sorted(
+            t for t, f in _FAMILIES.items()
+            if f.name != family.name and inner and all(f.to_ours(k) or f.is_skipped(k) for k in inner)
         )
-    if unexpected:
-        shown = ", ".join(f"'{k}' {weights.shapes[k]}" for k in unexpected[:5])
+        hint = f" Its tensor names are those of {', '.join(repr(t) for t in others)}." if others else ""
         raise CheckpointError(
-            f"{source}: unexpected key(s) {shown} inside the encoder; this architecture "
-            f"differs from {model_type!r} and cannot be loaded faithfully."
+            f"{source}: {'; '.join(problems)}. The weights file is incomplete or is not a "
+            f"{model_type!r} model as config.json says.{hint}"
         )
     return KeyMap(mapped, own)
 
