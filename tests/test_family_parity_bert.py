@@ -311,3 +311,25 @@ def test_export_to_hugging_face_names(checkpoints, model_type):
     # With the family's prefix, as a head model's checkpoint would hold it.
     prefixed = export_state_dict(encoder, family, prefix=PREFIX[model_type])
     assert set(prefixed) == {PREFIX[model_type] + k for k in exported}
+
+
+@pytest.mark.parametrize(
+    "model_type,changes,needle",
+    [
+        ("distilbert", {"dim": 64.5}, "dim"),
+        ("distilbert", {"n_heads": 5}, "divisible"),
+        ("distilbert", {"activation": "sparkle"}, "activation"),
+        ("distilbert", {"sinusoidal_pos_embds": "yes"}, "sinusoidal_pos_embds"),
+        ("distilbert", {"n_layers": 10_000}, "n_layers"),
+        ("electra", {"embedding_size": 0}, "embedding_size"),
+        ("electra", {"embedding_size": 48}, "(100, 48)"),
+        ("roberta", {"max_position_embeddings": 4}, "max_position_embeddings"),
+        ("roberta", {"position_embedding_type": "relative_key"}, "position_embedding_type"),
+        ("camembert", {"type_vocab_size": 2}, "(2, 64)"),
+    ],
+)
+def test_bad_family_config_fails_before_building(checkpoints, tmp_path, no_build, model_type, changes, needle):
+    path = copy(checkpoints(model_type), tmp_path)
+    edit_config(path, **changes)
+    message = raises(path, needle)
+    assert str(path / "config.json") in message or str(path / "model.safetensors") in message

@@ -357,7 +357,8 @@ def map_checkpoint_keys(weights: CheckpointWeights, family: Family, config: Any)
                 )
             else:
                 mapped[ours] = key
-    for ours, key in mapped.items():
+    for ours in [k for k in expected if k in mapped]:  # module order: embeddings first
+        key = mapped[ours]
         shape, want = weights.shapes[key], expected[ours]
         if family.is_transposed(ours) and not own:
             want = tuple(reversed(want))
