@@ -1,5 +1,7 @@
 """The GPT-2 family: config validation, weight names, and every hidden state equal to
-Hugging Face's ``GPT2Model`` on a right-padded batch; causality."""
+Hugging Face's ``GPT2Model`` on a right-padded batch (HF state dicts mapped through
+the Family, and checkpoints loaded with ``checkpoint.load_encoder``: bare, with an
+LM head whose tied weight is absent or present, with old mask buffers); causality."""
 
 from __future__ import annotations
 
@@ -262,3 +264,93 @@ def _load_encoder():
     if not hasattr(checkpoint, "load_encoder"):
         pytest.skip("spacy_ctx.encoders.checkpoint has no load_encoder yet")
     return checkpoint.load_encoder
+
+
+def _rewrite_weights(path: Path, add: Dict[str, torch.Tensor]) -> None:
+    """Add tensors to a saved checkpoint's model.safetensors (a tied ``lm_head.weight``
+    written out, old causal-mask buffers)."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    state = load_file(str(file))
+    state.update(add)
+    save_file(state, str(file), metadata={"format": "pt"})
+
+
+def _assert_loaded_equals_hf(path: Path, head: str = None) -> None:
+    loaded = _load_encoder()(path)
+    assert loaded.family is gpt2.GPT2 and isinstance(loaded.encoder, gpt2.Gpt2Encoder)
+    assert loaded.config.raw == json.loads((path / "config.json").read_text())
+    hf = _hf(path, head)
+    base = hf if head is None else hf.transformer
+    ids, mask = _batch(loaded.config.vocab_size, seed=3)
+    with torch.no_grad():
+        theirs = base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        _assert_layers_equal(loaded.encoder(ids, mask), theirs, mask)
+
+
+def test_load_encoder_bare(bare_dir):
+    _assert_loaded_equals_hf(bare_dir)
+
+
+@pytest.mark.parametrize("tied_head", ["absent", "present"])
+def test_load_encoder_lm_head_checkpoint(tmp_path, tied_head):
+    path = tiny_gpt2.write(tmp_path, seed=1, head="lm")
+    if tied_head == "present":
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt") as handle:
+            wte = handle.get_tensor("transformer.wte.weight")
+        _rewrite_weights(path, {"lm_head.weight": wte.clone()})
+    _assert_loaded_equals_hf(path, head="lm")
+
+
+def test_load_encoder_skips_old_mask_buffers(tmp_path):
+    path = tiny_gpt2.write(tmp_path, seed=3)
+    causal = torch.ones((64, 64), dtype=torch.bool).tril()[None, None]
+    buffers = {}
+    for n in range(3):
+        buffers[f"h.{n}.attn.bias"] = causal.clone()
+        buffers[f"h.{n}.attn.masked_bias"] = torch.tensor(-1e4)
+    _rewrite_weights(path, buffers)
+    _assert_loaded_equals_hf(path)
+
+
+def test_load_encoder_round_trips_and_exports(tmp_path, bare_dir):
+    """save_encoder -> load_encoder gives the same outputs; export_state_dict gives
+    HF names and Conv1D layout that GPT2Model loads strictly."""
+    from spacy_ctx.encoders import checkpoint
+
+    load_encoder = _load_encoder()
+    loaded = load_encoder(bare_dir)
+    checkpoint.save_encoder(loaded.encoder, loaded.family, loaded.config, tmp_path / "saved")
+    again = load_encoder(tmp_path / "saved")
+    ids, mask = _batch(loaded.config.vocab_size, seed=5)
+    with torch.no_grad():
+        for a, b in zip(loaded.encoder(ids, mask), again.encoder(ids, mask)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    hf = _hf(bare_dir)
+    exported = checkpoint.export_state_dict(loaded.encoder, loaded.family)
+    for name, tensor in hf.state_dict().items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0)
+
+
+def test_load_encoder_bad_config_fails_before_building(tmp_path, bare_dir, monkeypatch):
+    load_encoder = _load_encoder()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((bare_dir / name).read_bytes())
+    raw = json.loads((bare_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "n_head": 5}))
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a module was built from an invalid config")
+
+    monkeypatch.setattr(gpt2.Gpt2Encoder, "__init__", no_build)
+    with pytest.raises(CheckpointError, match=r"config\.json: n_embd=64 is not divisible by n_head=5"):
+        load_encoder(tmp_path)
+    # A config whose n_embd does not fit the weights fails on the weight file's header
+    # (compared with the module built on the meta device).
+    monkeypatch.undo()
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "n_embd": 32}))
+    with pytest.raises(CheckpointError, match="wte.weight"):
+        load_encoder(tmp_path)
