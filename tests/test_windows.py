@@ -36,6 +36,25 @@ def test_best_window_maximises_context():
         assert got == [max(options)]
 
 
+@pytest.mark.parametrize("n,window,stride", [(100, 20, 10), (57, 10, 3), (30, 7, 7), (5, 10, 5)])
+def test_causal_best_window_maximises_left_context(n, window, stride):
+    """For a causal model a piece's context is what lies to its left in the window."""
+    plan = plan_windows(n, window, stride, causal=True)
+    destination = plan.destination()
+    offsets = np.concatenate([np.arange(e - s) for s, e in plan.spans]) if plan.spans else []
+    totals = np.zeros(n)
+    np.add.at(totals, destination, plan.weights)
+    np.testing.assert_array_equal(totals, 1.0)
+    for piece in range(n):
+        options = [o for o, d in zip(offsets, destination) if d == piece]
+        got = [o for o, d, w in zip(offsets, destination, plan.weights) if d == piece and w == 1]
+        assert got == [max(options)]
+    if len(plan.spans) > 1:
+        # Non-causal planning would pick a window with less left context for some piece.
+        symmetric = plan_windows(n, window, stride)
+        assert not np.array_equal(symmetric.weights, plan.weights)
+
+
 def test_pack_by_length_respects_budget():
     lengths = [5, 50, 7, 64, 3, 64, 20, 1, 200]
     batches = pack_by_length(lengths, 128)
@@ -69,13 +88,14 @@ def test_long_doc_equals_its_windows(tiny_bert_dir, overlap):
         doc = nlp(text)
     assert doc._.ctx.layers.shape[:2] == (3, len(doc))
     backend: BertBackend = _backend(nlp)
-    [(ids, counts)] = backend.pieces.encode([[t.text for t in doc]])
+    [(ids, counts, index)] = backend.pieces.encode_docs([doc])
+    assert index.tolist() == list(range(len(ids)))  # simple words: pieces partition tokens
     plan = plan_windows(len(ids), 20, 12, overlap)
     assert len(plan.spans) > 3
     # Recompute every window independently with the raw encoder.
     window_out = []
     for s, e in plan.spans:
-        seq = torch.tensor([[backend.pieces.cls_id, *ids[s:e], backend.pieces.sep_id]])
+        seq = torch.tensor([[*backend.pieces.prefix_ids, *ids[s:e], *backend.pieces.suffix_ids]])
         with torch.no_grad():
             window_out.append(torch.stack(backend.encoder(seq))[:, 0, 1:-1].numpy())
     flat = np.concatenate(window_out, axis=1)

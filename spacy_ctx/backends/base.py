@@ -26,13 +26,18 @@ class CtxOutput:
     """Encoder output for one Doc, before pooling to tokens.
 
     ``layers``: (n_layers, n_pieces, width) tensor. A *piece* is the unit the
-    encoder sees: a word piece (BERT) or a whole token (ELMo).
-    ``piece_counts``: pieces per spaCy token (int32 numpy, summing to n_pieces);
-    a token can have 0 pieces (whitespace).
+    encoder sees: a word piece (transformers) or a whole token (ELMo).
+    ``piece_counts``: pieces per spaCy token (int32 numpy); a token can have 0
+    pieces (whitespace, or nothing aligned to it).
+    ``piece_index``: the piece positions each token uses, concatenated over tokens
+    in order (int64 numpy, length ``piece_counts.sum()``); a piece may appear for
+    several tokens and some pieces for none (see :mod:`spacy_ctx.pieces.alignment`).
+    ``None`` means the identity: pieces partition the tokens in order.
     """
 
     layers: torch.Tensor
     piece_counts: np.ndarray
+    piece_index: Optional[np.ndarray] = None
 
     @property
     def n_tokens(self) -> int:
@@ -40,15 +45,37 @@ class CtxOutput:
 
     def pool(self, method: str = "mean") -> torch.Tensor:
         """Pool pieces to tokens: (n_layers, n_tokens, width); 0-piece tokens get zeros."""
-        return pool_pieces(self.layers, self.piece_counts, method)
+        return pool_pieces(self.layers, self.piece_counts, method, self.piece_index)
+
+    def with_layers(self, layers: torch.Tensor) -> "CtxOutput":
+        """The same alignment over other layers (a subset, or a copy on another device)."""
+        return CtxOutput(layers, self.piece_counts, self.piece_index)
 
 
-def pool_pieces(layers: torch.Tensor, piece_counts: np.ndarray, method: str = "mean") -> torch.Tensor:
-    """Reduce each token's pieces (dim 1 of ``layers``) to one row per token."""
+def pool_pieces(
+    layers: torch.Tensor,
+    piece_counts: np.ndarray,
+    method: str = "mean",
+    piece_index: Optional[np.ndarray] = None,
+) -> torch.Tensor:
+    """Reduce each token's pieces (dim 1 of ``layers``) to one row per token.
+
+    With ``piece_index``, the rows each token uses are gathered first (a piece may
+    count for several tokens); the gather is differentiable and its backward
+    scatter-adds, so pooling stays exact for gradients too.
+    """
     if method not in POOLING_METHODS:
         raise ConfigError(f"pooling must be one of {POOLING_METHODS}, got {method!r}")
+    if piece_index is not None:
+        index = torch.as_tensor(np.asarray(piece_index), dtype=torch.long, device=layers.device)
+        layers = layers.index_select(1, index)
     n_layers, n_pieces, width = layers.shape
     n_tokens = len(piece_counts)
+    if n_pieces != int(np.sum(piece_counts)):
+        raise ValueError(
+            f"{n_pieces} pieces to pool but the piece counts of {n_tokens} tokens sum to "
+            f"{int(np.sum(piece_counts))}."
+        )
     if n_pieces == n_tokens and bool(np.all(piece_counts == 1)):
         return layers  # one piece per token (ELMo, or all single-piece words)
     device = layers.device

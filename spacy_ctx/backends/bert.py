@@ -1,4 +1,6 @@
-"""BERT backend: WordPiece per spaCy token, windows in piece space, batched encoding."""
+"""Transformer backend: the checkpoint's tokenizer on doc.text, windows in piece space,
+batched encoding. Pieces align to spaCy tokens by the rule of
+:mod:`spacy_ctx.pieces.alignment`."""
 
 from __future__ import annotations
 
@@ -14,19 +16,23 @@ from ..encoders.bert_checkpoint import load_bert_encoder
 from ..errors import CheckpointError, ConfigError
 from .batching import batch_stats, pack_by_length
 from .windows import OVERLAP_MODES, WindowPlan, plan_windows
-from ..pieces.wordpiece import WordPieceTokenizer
+from ..pieces.alignment import identity_or_none
+from ..pieces.tokenizer import PieceTokenizer
 from .base import CtxOutput, Backend, register_backend
 
-N_SPECIALS = 2  # [CLS] ... [SEP] around every window
+# BERT's [CLS] ... [SEP]; kept for older callers. The backend uses the tokenizer's
+# own specials (``pieces.n_specials``: 2 for BERT/RoBERTa, 0 for GPT-2).
+N_SPECIALS = 2
 
 
 @register_backend
 class BertBackend(Backend):
-    """A :class:`BertEncoder` with its WordPiece tokenizer and windowing settings.
+    """A transformer encoder with its checkpoint's tokenizer and windowing settings.
 
     window: pieces per window without the specials (default: the model's maximum
-    positions minus 2). stride: pieces between window starts (default: 3/4 of the
-    window). overlap: ``"best"`` (most context on both sides) or ``"mean"``.
+    positions minus the specials). stride: pieces between window starts (default:
+    3/4 of the window). overlap: ``"best"`` (most context on both sides; for a
+    causal model the most left context) or ``"mean"``.
     """
 
     family = "bert"
@@ -34,7 +40,7 @@ class BertBackend(Backend):
     def __init__(
         self,
         encoder: BertEncoder,
-        pieces: WordPieceTokenizer,
+        pieces: PieceTokenizer,
         *,
         name: str,
         window: Optional[int] = None,
@@ -45,12 +51,13 @@ class BertBackend(Backend):
         super().__init__(name, mixed_precision)
         self.encoder = encoder
         self.pieces = pieces
-        max_window = encoder.config.max_position_embeddings - N_SPECIALS
+        n_specials = pieces.n_specials
+        max_window = encoder.config.max_position_embeddings - n_specials
         window = max_window if window is None else int(window)
         if not 1 <= window <= max_window:
             raise ConfigError(
                 f"window={window} pieces does not fit the model '{name}': it must be between "
-                f"1 and {max_window} (max_position_embeddings - 2 specials)."
+                f"1 and {max_window} (max_position_embeddings - {n_specials} specials)."
             )
         stride = max(1, (window * 3) // 4) if stride is None else int(stride)
         if not 1 <= stride <= window:
@@ -68,6 +75,7 @@ class BertBackend(Backend):
                 f"(vocab_size in config.json); they belong to different models."
             )
         self.window, self.stride, self.overlap = window, stride, overlap
+        self.causal = _is_causal(encoder)
 
     @property
     def layer_names(self) -> List[str]:
@@ -86,10 +94,15 @@ class BertBackend(Backend):
         }
 
     # -- planning -------------------------------------------------------------------
-    def _plan(self, docs: Sequence) -> Tuple[List[Tuple[np.ndarray, np.ndarray]], List[WindowPlan]]:
-        """Pieces of every Doc (ids, piece_counts) and each Doc's window plan."""
-        encoded = self.pieces.encode([[token.text for token in doc] for doc in docs])
-        plans = [plan_windows(len(ids), self.window, self.stride, self.overlap) for ids, _ in encoded]
+    def _plan(
+        self, docs: Sequence
+    ) -> Tuple[List[Tuple[np.ndarray, np.ndarray, np.ndarray]], List[WindowPlan]]:
+        """Pieces of every Doc (ids, piece_counts, piece_index) and its window plan."""
+        encoded = self.pieces.encode_docs(docs)
+        plans = [
+            plan_windows(len(ids), self.window, self.stride, self.overlap, causal=self.causal)
+            for ids, _, _ in encoded
+        ]
         return encoded, plans
 
     def window_stats(self, docs: Sequence, *, max_batch_tokens: Optional[int] = None) -> Dict[str, int]:
@@ -98,27 +111,29 @@ class BertBackend(Backend):
         Tokenizes and plans windows exactly as encoding does. Returns:
 
         - ``n_docs``: number of Docs;
-        - ``n_pieces``: word pieces of all Docs (no specials);
+        - ``n_pieces``: pieces of all Docs' texts (no specials);
         - ``n_windows``: encoder sequences (one per window; 0 for a Doc with no pieces);
         - ``n_window_pieces``: pieces summed over windows (more than ``n_pieces``
           where windows overlap);
-        - ``n_positions``: ``n_window_pieces`` plus [CLS]/[SEP] of each window, i.e.
-          the positions the encoder computes without padding.
+        - ``n_positions``: ``n_window_pieces`` plus the specials of each window
+          (``[CLS]``/``[SEP]``, ``<s>``/``</s>``, none for GPT-2), i.e. the
+          positions the encoder computes without padding.
 
         With ``max_batch_tokens`` (the setting of the same name), also ``n_batches``
         and ``n_padded_positions`` (rows x longest sequence, summed over batches).
         """
         encoded, plans = self._plan(docs)
+        n_specials = self.pieces.n_specials
         lengths = [end - start for plan in plans for start, end in plan.spans]
         stats = {
             "n_docs": len(docs),
-            "n_pieces": sum(len(ids) for ids, _ in encoded),
+            "n_pieces": sum(len(ids) for ids, _, _ in encoded),
             "n_windows": len(lengths),
             "n_window_pieces": sum(lengths),
-            "n_positions": sum(lengths) + N_SPECIALS * len(lengths),
+            "n_positions": sum(lengths) + n_specials * len(lengths),
         }
         if max_batch_tokens is not None:
-            stats.update(batch_stats([n + N_SPECIALS for n in lengths], max_batch_tokens))
+            stats.update(batch_stats([n + n_specials for n in lengths], max_batch_tokens))
         return stats
 
     # -- encoding -----------------------------------------------------------------
@@ -129,8 +144,9 @@ class BertBackend(Backend):
         max_batch_tokens: int,
         keep_layers: Optional[Sequence[int]] = None,
     ) -> List[CtxOutput]:
-        """Encode Docs: WordPiece, windows in piece space, length-sorted batches under
-        ``max_batch_tokens`` padded positions, windows stitched back per Doc."""
+        """Encode Docs: pieces of each text, windows in piece space, length-sorted
+        batches under ``max_batch_tokens`` padded positions, windows stitched back
+        per Doc. Every piece is encoded, also those aligned to no token."""
         keep = list(range(self.encoder.n_layers)) if keep_layers is None else list(keep_layers)
         encoded, plans = self._plan(docs)
         # Each Doc's output is allocated once, and every window is added into it as
@@ -140,7 +156,7 @@ class BertBackend(Backend):
         # recorded by autograd like any other op.
         device = self.device
         outputs = [
-            torch.zeros((len(keep), len(ids), self.width), device=device) for ids, _ in encoded
+            torch.zeros((len(keep), len(ids), self.width), device=device) for ids, _, _ in encoded
         ]
         # Every window of every doc: (doc index, start, end, weights of its pieces).
         windows: List[Tuple[int, int, int, np.ndarray]] = [
@@ -148,28 +164,38 @@ class BertBackend(Backend):
             for d, plan in enumerate(plans)
             for start, end, weights in plan.windows()
         ]
-        lengths = [end - start + N_SPECIALS for _, start, end, _ in windows]
+        n_prefix = len(self.pieces.prefix_ids)
+        lengths = [end - start + self.pieces.n_specials for _, start, end, _ in windows]
         for batch in pack_by_length(lengths, max_batch_tokens):
             pieces = [encoded[d][0][start:end] for d, start, end, _ in (windows[i] for i in batch)]
             hidden = self._encode_batch(pieces)
             for row, index in enumerate(batch):
                 d, start, end, weights = windows[index]
-                rows = [hidden[k][row, 1 : end - start + 1] for k in keep]  # drop [CLS]/[SEP]
+                # Drop the specials: the window's pieces follow the prefix.
+                rows = [hidden[k][row, n_prefix : n_prefix + end - start] for k in keep]
                 self._add_window(outputs[d], rows, start, weights)
             del hidden  # free the batch before the next one is encoded
-        return [CtxOutput(out, counts) for out, (_, counts) in zip(outputs, encoded)]
+        return [
+            CtxOutput(out, counts, identity_or_none(index, len(ids)))
+            for out, (ids, counts, index) in zip(outputs, encoded)
+        ]
 
     def _encode_batch(self, windows: List[np.ndarray]) -> List[torch.Tensor]:
-        """Run the encoder on piece sequences padded to one batch (with [CLS]/[SEP]);
-        returns every layer, (batch, longest, width) each."""
-        longest = max(len(ids) for ids in windows) + N_SPECIALS
+        """Run the encoder on piece sequences framed by the tokenizer's specials
+        (prefix ids, pieces, suffix ids) and right-padded to one batch; returns every
+        layer, (batch, longest, width) each."""
+        prefix, suffix = self.pieces.prefix_ids, self.pieces.suffix_ids
+        n_prefix, n_specials = len(prefix), len(prefix) + len(suffix)
+        longest = max(len(ids) for ids in windows) + n_specials
+        # Padding is masked, so the pad id only has to be a valid row (GPT-2 has none: 0).
         input_ids = np.full((len(windows), longest), self.pieces.pad_id, dtype=np.int64)
         mask = np.zeros((len(windows), longest), dtype=bool)
         for row, ids in enumerate(windows):
-            input_ids[row, 0] = self.pieces.cls_id
-            input_ids[row, 1 : len(ids) + 1] = ids
-            input_ids[row, len(ids) + 1] = self.pieces.sep_id
-            mask[row, : len(ids) + N_SPECIALS] = True
+            end = n_prefix + len(ids)
+            input_ids[row, :n_prefix] = prefix
+            input_ids[row, n_prefix:end] = ids
+            input_ids[row, end : end + len(suffix)] = suffix
+            mask[row, : len(ids) + n_specials] = True
         device = self.device
         ids_t = torch.from_numpy(input_ids).to(device, non_blocking=True)
         mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
@@ -210,7 +236,7 @@ class BertBackend(Backend):
     @classmethod
     def from_files(cls, path: Path, settings: Dict) -> "BertBackend":
         _, encoder = load_bert_encoder(path)
-        return cls(encoder, WordPieceTokenizer.from_dir(path), **settings)
+        return cls(encoder, PieceTokenizer.from_dir(path), **settings)
 
     @classmethod
     def from_pretrained(
@@ -225,7 +251,7 @@ class BertBackend(Backend):
     ) -> "BertBackend":
         """Load from a Hugging Face-format checkpoint directory."""
         _, encoder = load_bert_encoder(model_dir)
-        pieces = WordPieceTokenizer.from_pretrained_dir(model_dir)
+        pieces = PieceTokenizer.from_pretrained_dir(model_dir)
         return cls(
             encoder,
             pieces,
@@ -235,3 +261,14 @@ class BertBackend(Backend):
             overlap=overlap,
             mixed_precision=mixed_precision,
         )
+
+
+def _is_causal(encoder: torch.nn.Module) -> bool:
+    """Whether the encoder's family attends leftwards only (GPT-2)."""
+    from ..encoders.family import family_for
+
+    model_type = getattr(getattr(encoder, "config", None), "model_type", None)
+    try:
+        return bool(family_for(model_type).causal)
+    except CheckpointError:
+        return False

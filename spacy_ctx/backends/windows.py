@@ -5,6 +5,9 @@ model's specials come on top), consecutive windows start ``stride`` pieces
 apart, and the last window is aligned to the end so nothing is dropped. Where
 windows overlap, a piece either takes its vector from the window in which it has
 the most context on both sides (``"best"``) or averages all windows (``"mean"``).
+For a causal (left-to-right) model such as GPT-2 a piece sees nothing to its
+right, so with ``causal=True`` its best window is the one with the most *left*
+context.
 """
 
 from __future__ import annotations
@@ -45,8 +48,14 @@ class WindowPlan:
         return np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in self.spans])
 
 
-def plan_windows(n_pieces: int, window: int, stride: int, overlap: str = "best") -> WindowPlan:
-    """Cover ``n_pieces`` pieces with windows of at most ``window`` pieces."""
+def plan_windows(
+    n_pieces: int, window: int, stride: int, overlap: str = "best", *, causal: bool = False
+) -> WindowPlan:
+    """Cover ``n_pieces`` pieces with windows of at most ``window`` pieces.
+
+    ``causal``: with ``"best"`` overlap, rank windows by the context to a piece's
+    left only (its offset in the window), for models that attend leftwards.
+    """
     if window < 1 or not 1 <= stride <= window:
         raise ValueError(f"need 1 <= stride <= window, got window={window}, stride={stride}")
     if overlap not in OVERLAP_MODES:
@@ -65,8 +74,9 @@ def plan_windows(n_pieces: int, window: int, stride: int, overlap: str = "best")
             coverage[s:e] += 1
         weights = np.concatenate([1.0 / coverage[s:e] for s, e in spans]).astype(np.float32)
         return WindowPlan(n_pieces, spans, weights)
-    # Context of a piece in a window = distance to the nearer window edge.
-    context = np.minimum(offsets, window - 1 - offsets)
+    # Context of a piece in a window = distance to the nearer window edge, or for a
+    # causal model the number of pieces before it in the window.
+    context = offsets if causal else np.minimum(offsets, window - 1 - offsets)
     best_context = np.full((n_pieces,), -1, dtype=np.int64)
     best_window = np.zeros((n_pieces,), dtype=np.int64)
     for i, (s, e) in enumerate(spans):

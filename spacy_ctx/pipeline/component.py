@@ -234,7 +234,7 @@ class CtxComponent(TrainablePipe):
         model_name = self.backend.name
         for doc, output in zip(docs, outputs):
             layers = output.layers if self.cfg["store"] == "all" else output.layers[-1:]
-            pooled = CtxOutput(layers, output.piece_counts).pool("mean")
+            pooled = output.with_layers(layers).pool("mean")
             doc._.ctx = CtxData(
                 layers=pooled.float().cpu().numpy().astype(dtype, copy=False),
                 layer_names=list(stored_names),

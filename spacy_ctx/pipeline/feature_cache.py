@@ -31,7 +31,10 @@ class FeatureCache:
 
     def __init__(self, max_mb: float) -> None:
         self.max_bytes = int(max_mb * 1024 * 1024)
-        self._entries: "OrderedDict[bytes, Tuple[torch.Tensor, np.ndarray]]" = OrderedDict()
+        # Per key: CPU layers, piece counts, piece index (None: identity).
+        self._entries: "OrderedDict[bytes, Tuple[torch.Tensor, np.ndarray, Optional[np.ndarray]]]" = (
+            OrderedDict()
+        )
         self.n_bytes = 0
         self.hits = 0
         self.misses = 0
@@ -50,8 +53,8 @@ class FeatureCache:
             return None
         self.hits += 1
         self._entries.move_to_end(key)
-        layers, piece_counts = entry
-        return CtxOutput(layers.to(device), piece_counts)
+        layers, piece_counts, piece_index = entry
+        return CtxOutput(layers.to(device), piece_counts, piece_index)
 
     def put(self, key: bytes, output: CtxOutput) -> None:
         if not self.enabled or key in self._entries:
@@ -60,10 +63,10 @@ class FeatureCache:
         size = layers.numel() * layers.element_size()
         if size > self.max_bytes:
             return
-        self._entries[key] = (layers, output.piece_counts)
+        self._entries[key] = (layers, output.piece_counts, output.piece_index)
         self.n_bytes += size
         while self.n_bytes > self.max_bytes:
-            _, (old, _) = self._entries.popitem(last=False)
+            _, (old, _, _) = self._entries.popitem(last=False)
             self.n_bytes -= old.numel() * old.element_size()
 
     def clear(self) -> None:

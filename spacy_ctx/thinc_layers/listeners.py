@@ -227,20 +227,32 @@ def head_forward(
     else:
         units = [_to_xp(model, o.layers[-1]) for o in outputs]
         backprop_mix = None
+    xp = model.ops.xp
+    # Rows each token pools, in token order: a piece may serve several tokens (or
+    # none), so gather by piece_index; None is the identity and needs no copy.
+    indices = [None if o.piece_index is None else xp.asarray(o.piece_index) for o in outputs]
+    rows = [u if index is None else u[index] for u, index in zip(units, indices)]
     piece_counts = [model.ops.asarray1i(o.piece_counts) for o in outputs]
     width = shapes[0][2] if shapes else 0
-    flat = model.ops.xp.concatenate(units) if units else model.ops.alloc2f(0, width)
-    Y_flat, backprop_pool = pool(Ragged(flat, model.ops.xp.concatenate(piece_counts)), is_train)
+    flat = xp.concatenate(rows) if rows else model.ops.alloc2f(0, width)
+    Y_flat, backprop_pool = pool(Ragged(flat, xp.concatenate(piece_counts)), is_train)
     n_tokens = [len(o.piece_counts) for o in outputs]
     splits = np.cumsum(n_tokens)[:-1].tolist()
-    Ys = model.ops.xp.split(Y_flat, splits) if outputs else []
+    Ys = xp.split(Y_flat, splits) if outputs else []
 
     def backprop(dYs: List[Floats2d]) -> List[Floats3d]:
-        d_units_flat = backprop_pool(model.ops.xp.concatenate(dYs)).data
-        unit_splits = np.cumsum([s[1] for s in shapes])[:-1].tolist()
-        d_units = model.ops.xp.split(d_units_flat, unit_splits)
+        d_rows_flat = backprop_pool(xp.concatenate(dYs)).data
+        row_splits = np.cumsum([len(r) for r in rows])[:-1].tolist()
+        d_units = []
+        for shape, index, d_rows in zip(shapes, indices, xp.split(d_rows_flat, row_splits)):
+            if index is None:
+                d_units.append(d_rows)
+            else:  # a piece gathered for several tokens receives the sum of their gradients
+                d_unit = model.ops.alloc2f(shape[1], shape[2])
+                model.ops.scatter_add(d_unit, index, d_rows)
+                d_units.append(d_unit)
         if backprop_mix is not None:
-            return backprop_mix(list(d_units))
+            return backprop_mix(d_units)
         d_layers = []
         for shape, d in zip(shapes, d_units):
             full = model.ops.alloc3f(*shape)
