@@ -220,7 +220,7 @@ class PieceTokenizer:
             prefix_ids=prefix,
             suffix_ids=suffix,
             pad_id=_token_id(tokenizer, names.get("pad_token"), 0),
-            unk_id=_token_id(tokenizer, names.get("unk_token"), None),
+            unk_id=_token_id(tokenizer, names.get("unk_token"), _model_unk_id(tokenizer)),
             source=source,
         )
 
@@ -329,8 +329,7 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 
 def _kind_of(tokenizer: Tokenizer, source: Optional[str]) -> str:
-    model = json.loads(tokenizer.to_str()).get("model", {})
-    model_type = model.get("type") if isinstance(model, dict) else None
+    model_type = type(tokenizer.model).__name__  # no JSON round trip of a big vocabulary
     if model_type not in _MODEL_KINDS:
         where = source or "the tokenizer"
         raise CheckpointError(
@@ -360,6 +359,17 @@ def _special_names(settings: Dict[str, Any], special_map: Dict[str, Any]) -> Dic
 def _token_id(tokenizer: Tokenizer, token: Optional[str], default: Optional[int]) -> Optional[int]:
     token_id = tokenizer.token_to_id(token) if token else None
     return default if token_id is None else token_id
+
+
+def _model_unk_id(tokenizer: Tokenizer) -> Optional[int]:
+    """The unknown-piece id the tokenizer model itself declares, if any."""
+    token = getattr(tokenizer.model, "unk_token", None)  # WordPiece, BPE
+    if isinstance(token, str):
+        return tokenizer.token_to_id(token)
+    if type(tokenizer.model).__name__ == "Unigram":
+        unk_id = json.loads(tokenizer.to_str()).get("model", {}).get("unk_id")
+        return unk_id if isinstance(unk_id, int) else None
+    return None
 
 
 def _probe_specials(tokenizer: Tokenizer) -> Tuple[Optional[List[int]], Optional[List[int]]]:
@@ -399,30 +409,51 @@ def _configured_specials(
 
 def _add_specials(tokenizer: Tokenizer, settings: Dict[str, Any], names: Dict[str, str], model_dir: Path) -> None:
     """Register the special and added tokens of the config files, as transformers does,
-    so that their strings in a text map to their ids."""
+    so that their strings in a text map to their ids.
+
+    Entries come from ``added_tokens_decoder`` (tokenizer_config.json, with ids and
+    flags), ``added_tokens.json`` (ids) and the special-token names. A token in the
+    vocabulary keeps its id; one outside it must take the next free id.
+    """
+    entries: Dict[str, Tuple[Optional[int], Dict[str, bool]]] = {}
     decoder = settings.get("added_tokens_decoder")
-    tokens: List[AddedToken] = []
     if isinstance(decoder, dict):
-        for entry in decoder.values():
+        for key, entry in decoder.items():
             if isinstance(entry, dict) and isinstance(entry.get("content"), str):
-                tokens.append(
-                    AddedToken(
-                        entry["content"],
-                        single_word=bool(entry.get("single_word", False)),
-                        lstrip=bool(entry.get("lstrip", False)),
-                        rstrip=bool(entry.get("rstrip", False)),
-                        normalized=bool(entry.get("normalized", False)),
-                        special=bool(entry.get("special", True)),
-                    )
-                )
-    known = {t.content for t in tokens}
-    extra = list(names.values()) + list(_read_json(model_dir / "added_tokens.json"))
-    for text in extra:
-        if text not in known and tokenizer.token_to_id(text) is not None:
-            tokens.append(AddedToken(text, special=True, normalized=False))
-            known.add(text)
-    if tokens:
-        tokenizer.add_special_tokens(tokens)
+                flags = {
+                    flag: bool(entry.get(flag, flag == "special"))
+                    for flag in ("single_word", "lstrip", "rstrip", "normalized", "special")
+                }
+                entries[entry["content"]] = (int(key) if str(key).isdigit() else None, flags)
+    added_path = model_dir / "added_tokens.json"
+    for text, token_id in _read_json(added_path).items():
+        if text not in entries and isinstance(token_id, int):
+            entries[text] = (token_id, {"special": False, "normalized": True})
+    for text in names.values():
+        if text not in entries:
+            entries[text] = (None, {"special": True, "normalized": False})
+
+    def order(item: Tuple[str, Tuple[Optional[int], Dict[str, bool]]]) -> int:
+        found = tokenizer.token_to_id(item[0])
+        wanted = item[1][0]
+        return found if found is not None else (wanted if wanted is not None else 1 << 62)
+
+    for text, (wanted, flags) in sorted(entries.items(), key=order):
+        found = tokenizer.token_to_id(text)
+        if found is None and wanted is None:
+            continue  # a special name the vocabulary lacks: nothing to register
+        next_id = tokenizer.get_vocab_size(with_added_tokens=True)
+        if found is None and wanted != next_id or found is not None and wanted not in (None, found):
+            raise CheckpointError(
+                f"{model_dir}: the added token {text!r} has id {wanted} in the config files "
+                f"but {found if found is not None else next_id} in the vocabulary; the "
+                "tokenizer files do not belong together."
+            )
+        token = AddedToken(text, **flags)
+        if flags.get("special", True):
+            tokenizer.add_special_tokens([token])
+        else:
+            tokenizer.add_tokens([token])
 
 
 def _byte_bpe_from_files(model_dir: Path, settings: Dict[str, Any]) -> Tokenizer:
