@@ -4,7 +4,7 @@
 
 Builds ``ctx_bert`` (default model: the embedded all-MiniLM-L6-v2), loads it with a
 short text, makes one Doc of ``--words`` random words, then runs the pipe on it and
-prints: the Doc's pieces and windows (``BertBackend.window_stats``), the size of
+prints: the Doc's pieces and windows (``TransformerBackend.window_stats``), the size of
 ``doc._.ctx.layers``, RSS before the call and the process's peak RSS. Peak RSS is
 ``VmHWM`` from /proc (Linux), which, unlike ``getrusage().ru_maxrss``, does not
 inherit the RSS of the process that started this one.

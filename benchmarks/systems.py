@@ -169,7 +169,7 @@ def setup_ctx_bert(opts: WorkerOptions) -> Loaded:
 def bert_window_stats(backend: Any, docs: List[Any]) -> Dict[str, int]:
     """``pieces``, ``sequences`` (windows) and ``encoded_positions`` (window pieces plus
     [CLS]/[SEP]) of ``docs``: what the backend's encode_docs feeds the encoder, as the
-    backend reports it without running the model (``BertBackend.window_stats``)."""
+    backend reports it without running the model (``TransformerBackend.window_stats``)."""
     stats = backend.window_stats(docs)
     return {"pieces": stats["n_pieces"], "sequences": stats["n_windows"],
             "encoded_positions": stats["n_positions"]}

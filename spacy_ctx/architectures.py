@@ -37,10 +37,10 @@ def build_bert_encoder(
     """
 
     def load():
-        from .backends.bert import BertBackend
+        from .backends.bert import TransformerBackend
         from .loaders import resolve_bert_dir
 
-        return BertBackend.from_pretrained(
+        return TransformerBackend.from_pretrained(
             resolve_bert_dir(name),
             name=name,
             window=window,

@@ -91,6 +91,19 @@ def init_config(args: argparse.Namespace) -> None:
           + (" --gpu-id 0" if args.gpu else ""))
 
 
+def info(model_dir: Path, *, as_json: bool = False) -> None:
+    """Print what ``ctx_bert`` would load from a checkpoint directory (no weights read)."""
+    import json
+
+    from .model_info import describe_checkpoint, format_description
+
+    description = describe_checkpoint(model_dir)
+    if as_json:
+        print(json.dumps(description, indent=2))
+    else:
+        print("\n".join(format_description(description)))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command; returns the exit code (0 ok, 1 a spacy-ctx error, printed on stderr).
 
@@ -121,6 +134,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg.add_argument("--encoder-path", help="BERT checkpoint dir or hub id for [paths] encoder")
     cfg.add_argument("--elmo-options", help="ELMo options.json for [paths]")
     cfg.add_argument("--elmo-weights", help="ELMo weights.hdf5 for [paths]")
+    info_parser = commands.add_parser(
+        "info", help="describe a transformer checkpoint directory (family, tokenizer, shape)"
+    )
+    info_parser.add_argument("model_dir", type=Path, help="Hugging Face-format checkpoint directory")
+    info_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -132,6 +150,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(embedded_model_dir())
         elif args.command == "init-config":
             init_config(args)
+        elif args.command == "info":
+            info(args.model_dir, as_json=args.json)
     except SpacyCtxError as err:
         print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -162,7 +162,7 @@ class Family:
     def forbid_loading(self, monkeypatch: pytest.MonkeyPatch) -> List[str]:
         """From now on, fail loudly if anything reads a checkpoint by its configured name."""
         import spacy_ctx.loaders
-        from spacy_ctx.backends.bert import BertBackend
+        from spacy_ctx.backends.bert import TransformerBackend
         from spacy_ctx.backends.elmo import ElmoBackend
 
         calls: List[str] = []
@@ -173,7 +173,7 @@ class Family:
 
         for name in ("resolve_bert_dir", "download_from_hub", "resolve_elmo_files"):
             monkeypatch.setattr(spacy_ctx.loaders, name, forbidden)
-        for backend in (BertBackend, ElmoBackend):
+        for backend in (TransformerBackend, ElmoBackend):
             monkeypatch.setattr(backend, "from_pretrained", classmethod(forbidden))
         return calls
 

@@ -61,7 +61,7 @@ def test_bert_window_stats_are_what_the_backend_encodes(tiny_bert_dir):
         backend.encode_docs(docs, max_batch_tokens=4096)
     finally:
         hook.remove()
-    n_pieces = sum(len(ids) for ids, _ in backend.pieces.encode([[t.text for t in doc] for doc in docs]))
+    n_pieces = sum(len(ids) for ids, _, _ in backend.pieces.encode_docs(docs))
     expected = {"pieces": n_pieces, "sequences": rows, "encoded_positions": positions}
     assert rows > len(texts)
     assert systems.bert_window_stats(backend, docs) == expected

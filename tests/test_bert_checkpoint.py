@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spacy_ctx.backends import load_backend
-from spacy_ctx.backends.bert import BertBackend
+from spacy_ctx.backends.bert import TransformerBackend
 from spacy_ctx.encoders.bert import BERT, BertConfig, BertEncoder
-from spacy_ctx.encoders.bert_checkpoint import load_bert_encoder
+from spacy_ctx.encoders.checkpoint import load_encoder
 from spacy_ctx.encoders.blocks import PostNormLayer
 from spacy_ctx.errors import CheckpointError
 
@@ -64,7 +64,7 @@ def raises_fast(path: Path, *needles: str) -> str:
     """Load ``path``; expect a CheckpointError mentioning every needle, within FAST_S."""
     start = time.perf_counter()
     with pytest.raises(CheckpointError) as info:
-        load_bert_encoder(path)
+        load_encoder(path)
     elapsed = time.perf_counter() - start
     message = str(info.value)
     assert elapsed < FAST_S, f"took {elapsed:.2f}s: {message}"
@@ -169,7 +169,7 @@ def test_config_round_trip_and_null_defaults() -> None:
 
 def test_dropout_probabilities_come_from_config(ckpt: Path) -> None:
     edit_config(ckpt, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.25)
-    _, encoder = load_bert_encoder(ckpt)
+    encoder = load_encoder(ckpt).encoder
     hidden_p = {m.p for m in encoder.modules() if isinstance(m, torch.nn.Dropout)}
     assert hidden_p == {0.0}
     assert {layer.attention.dropout_p for layer in encoder.layers} == {0.25}
@@ -193,8 +193,8 @@ def test_tf_layer_norm_names_still_load(ckpt: Path, tiny_bert_dir: Path) -> None
                for k, v in state.items()}
     assert any(k.endswith("gamma") for k in renamed)
     save_file(renamed, str(ckpt / WEIGHTS))
-    _, converted = load_bert_encoder(ckpt)
-    _, original = load_bert_encoder(tiny_bert_dir)
+    converted = load_encoder(ckpt).encoder
+    original = load_encoder(tiny_bert_dir).encoder
     for (name, a), (_, b) in zip(converted.state_dict().items(), original.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
@@ -229,7 +229,7 @@ def test_non_finite_weight_in_a_task_head_is_ignored(tmp_path: Path) -> None:
     head = next(k for k in state if k.startswith("cls.") and state[k].is_floating_point())
     state[head].view(-1)[0] = float("nan")
     save_file(state, str(path / WEIGHTS))
-    load_bert_encoder(path)
+    load_encoder(path)
 
 
 # --------------------------------------------------------------------------
@@ -254,8 +254,8 @@ def shard(path: Path, names=("model-00001-of-00002.safetensors", "model-00002-of
 
 def test_sharded_checkpoint_loads_like_one_file(ckpt: Path, tiny_bert_dir: Path) -> None:
     shard(ckpt)
-    _, sharded = load_bert_encoder(ckpt)
-    _, single = load_bert_encoder(tiny_bert_dir)
+    sharded = load_encoder(ckpt).encoder
+    single = load_encoder(tiny_bert_dir).encoder
     for (name, a), (_, b) in zip(sharded.state_dict().items(), single.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
@@ -268,7 +268,7 @@ def test_symlinked_shards_are_accepted(ckpt: Path, tmp_path: Path) -> None:
     for name in set(index["weight_map"].values()):
         (ckpt / name).rename(blobs / name)
         os.symlink(blobs / name, ckpt / name)
-    load_bert_encoder(ckpt)
+    load_encoder(ckpt)
 
 
 def _retarget_first_shard(ckpt: Path, index: dict, target: str) -> None:
@@ -376,7 +376,7 @@ def test_tokenizer_id_beyond_embedding_table(ckpt: Path, where: str) -> None:
     else:
         path = _tokenizer_json_with(ckpt, added_id=99_999)
     with pytest.raises(CheckpointError) as info:
-        BertBackend.from_pretrained(ckpt, name="test")
+        TransformerBackend.from_pretrained(ckpt, name="test")
     message = str(info.value)
     # (tokenizers renumbers an added token to the next free id: here n_rows, one too many)
     biggest = "99999" if where == "model_vocab" else str(n_rows)
@@ -387,7 +387,7 @@ def test_tokenizer_id_beyond_embedding_table(ckpt: Path, where: str) -> None:
 def test_tokenizer_with_largest_id_inside_the_table_loads(ckpt: Path) -> None:
     n_rows = json.loads((ckpt / "config.json").read_text())["vocab_size"]
     _tokenizer_json_with(ckpt, word_id=n_rows - 1)  # a gap in the ids, last row used
-    backend = BertBackend.from_pretrained(ckpt, name="test")
+    backend = TransformerBackend.from_pretrained(ckpt, name="test")
     assert backend.pieces.max_id == n_rows - 1
 
 
@@ -410,13 +410,13 @@ def test_pipeline_reports_the_tokenizer_file_at_first_use(ckpt: Path) -> None:
 @pytest.fixture
 def saved(tiny_bert_dir: Path, tmp_path: Path) -> Path:
     path = tmp_path / "saved"
-    BertBackend.from_pretrained(tiny_bert_dir, name="tiny").save(path)
+    TransformerBackend.from_pretrained(tiny_bert_dir, name="tiny").save(path)
     return path
 
 
 def test_saved_backend_loads(saved: Path) -> None:
     backend = load_backend(saved)
-    assert isinstance(backend, BertBackend) and backend.name == "tiny"
+    assert isinstance(backend, TransformerBackend) and backend.name == "tiny"
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,10 @@ import pytest
 import spacy
 import torch
 
-from spacy_ctx.encoders.bert_checkpoint import load_bert_encoder
+from spacy_ctx.encoders.checkpoint import load_encoder
 
 from .bert_utils import write_tiny_bert
+from .hf_reference import hf_token_vectors
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,7 +25,7 @@ def _hf_layers(model_dir, input_ids, mask):
 @pytest.mark.parametrize("padded", [False, True])
 def test_every_layer_matches_hf(tmp_path, head, padded):
     model_dir = write_tiny_bert(tmp_path / head, head=head, seed=3)
-    _, ours = load_bert_encoder(model_dir)
+    ours = load_encoder(model_dir).encoder
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(5, ours.config.vocab_size, (3, 20), generator=generator)
     mask = torch.ones_like(input_ids)
@@ -43,7 +44,7 @@ def test_every_layer_matches_hf(tmp_path, head, padded):
 
 
 def test_padding_does_not_change_real_positions(tiny_bert_dir):
-    _, ours = load_bert_encoder(tiny_bert_dir)
+    ours = load_encoder(tiny_bert_dir).encoder
     ids = torch.tensor([[2, 10, 11, 12, 3]])
     padded = torch.tensor([[2, 10, 11, 12, 3, 0, 0, 0]])
     mask = torch.tensor([[1] * 5 + [0] * 3])
@@ -61,29 +62,14 @@ WORDS_TEXTS = [
 ]
 
 
-def test_minilm_token_vectors_match_hf_pooled_by_word_ids(minilm):
-    """Real all-MiniLM-L6-v2: spaCy-token vectors equal HF outputs pooled by word_ids()."""
+def test_minilm_token_vectors_match_hf_pooled(minilm):
+    """Real all-MiniLM-L6-v2: spaCy-token vectors equal HF outputs on ``doc.text``
+    pooled by the alignment rule (character offsets; tests/hf_reference.py)."""
     nlp = spacy.blank("en")
     nlp.add_pipe("ctx_bert", config={"model": {"name": str(minilm)}, "store": "all"})
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm))
-    hf = transformers.AutoModel.from_pretrained(str(minilm), attn_implementation="eager")
-    hf.eval()
     for text in WORDS_TEXTS:
         doc = nlp(text)
-        words = [t.text for t in doc]
-        enc = tokenizer(words, is_split_into_words=True, return_tensors="pt")
-        with torch.no_grad():
-            hidden = hf(**enc, output_hidden_states=True).hidden_states
-        word_ids = enc.word_ids()
-        for layer_index, layer in enumerate(hidden):
-            expected = np.zeros((len(words), layer.shape[-1]), dtype=np.float32)
-            counts = np.zeros(len(words))
-            for position, word in enumerate(word_ids):
-                if word is not None:
-                    expected[word] += layer[0, position].numpy()
-                    counts[word] += 1
-            assert (counts == doc._.ctx.piece_counts).all()
-            expected /= np.maximum(counts, 1)[:, None]
+        for layer_index, expected in enumerate(hf_token_vectors(minilm, doc)):
             np.testing.assert_allclose(
                 doc._.ctx.layers[layer_index], expected, atol=1e-4, rtol=0,
                 err_msg=f"{text!r} layer {layer_index}",

@@ -269,14 +269,14 @@ def test_sentence_transformers_prefix(checkpoints, tmp_path):
 
 # -- our save format and the export to Hugging Face names -------------------------------------------
 @pytest.mark.parametrize("model_type", ["electra", "distilbert", "xlm-roberta"])
-def test_our_save_format_round_trip(checkpoints, tmp_path, model_type):
+def test_save_encoder_writes_a_hugging_face_checkpoint(checkpoints, tmp_path, model_type):
+    """save_encoder writes HF names and the original config.json: the folder loads
+    back here bit for bit, and in transformers with no missing or unexpected keys."""
     source = checkpoints(model_type, HEADS[model_type])
     family, config, encoder = load_encoder(source)
     save_encoder(encoder, family, config, tmp_path / "saved")
     with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as handle:
-        assert handle.metadata() == OUR_METADATA
-        assert set(handle.keys()) == set(encoder.state_dict())
-    # config.json written back verbatim.
+        assert set(handle.keys()) == set(export_state_dict(encoder, family))
     assert json.loads((tmp_path / "saved" / "config.json").read_text()) == json.loads(
         (source / "config.json").read_text()
     )
@@ -284,11 +284,26 @@ def test_our_save_format_round_trip(checkpoints, tmp_path, model_type):
     assert family2 == family and config2 == config
     for (name, a), (_, b) in zip(reloaded.state_dict().items(), encoder.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-    # Our format is read strictly too.
-    state = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    kwargs = {} if model_type in ("electra", "distilbert") else {"add_pooling_layer": False}
+    _, info = transformers.AutoModel.from_pretrained(
+        str(tmp_path / "saved"), output_loading_info=True, **kwargs
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_our_names_format_is_read_strictly(checkpoints, tmp_path):
+    """Safetensors files marked as holding our own names load as they are, strictly."""
+    family, config, encoder = load_encoder(checkpoints("electra"))
+    saved = tmp_path / "saved"
+    save_encoder(encoder, family, config, saved)
+    state = {k: v.contiguous() for k, v in encoder.state_dict().items()}
+    save_file(state, str(saved / "model.safetensors"), metadata=OUR_METADATA)
+    _, _, reloaded = load_encoder(saved)
+    for (name, a), (_, b) in zip(reloaded.state_dict().items(), encoder.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     del state["layers.1.ffn.inner.bias"]
-    save_file(state, str(tmp_path / "saved" / "model.safetensors"), metadata=OUR_METADATA)
-    raises(tmp_path / "saved", "missing", "'layers.1.ffn.inner.bias'")
+    save_file(state, str(saved / "model.safetensors"), metadata=OUR_METADATA)
+    raises(saved, "missing", "'layers.1.ffn.inner.bias'")
 
 
 @pytest.mark.parametrize("model_type", BERT_LIKE)

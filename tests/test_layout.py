@@ -30,7 +30,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "pipeline": {"errors", "ctx_data", "doc_data", "backends", "thinc_layers"},
 }
 # Entry points and tools that sit above everything.
-TOP = {"__init__", "__main__", "cli", "training_config", "training", "annotate"}
+TOP = {"__init__", "__main__", "cli", "training_config", "training", "annotate", "model_info"}
 # Third-party frameworks a part must not use: encoders are plain PyTorch, pieces and
 # ctx_data know nothing of models, backends know nothing of Thinc or spaCy's classes.
 FORBIDDEN_LIBRARIES: Dict[str, Set[str]] = {

@@ -57,7 +57,7 @@ def _textcat(tok2vec):
 
 # A key parameter of the first and of the last encoder layer, per family.
 FIRST_AND_LAST_PARAMS = {
-    "bert": ("encoder.embeddings.word_embeddings.weight", "encoder.encoder.layer.1.output.dense.weight"),
+    "bert": ("encoder.embeddings.word.weight", "encoder.layers.1.ffn.outer.weight"),
     "elmo": ("bilm.char_encoder.char_embedding.weight", "bilm.lstm.layers.1.input_weight"),
 }
 

@@ -15,13 +15,13 @@ from .test_listeners import _examples, _pipeline, _train
 def _recorded_calls(monkeypatch):
     """Record (max_batch_tokens, keep_layers, grad enabled) of every backend encode call."""
     calls = []
-    original = bert_backend.BertBackend.encode_docs
+    original = bert_backend.TransformerBackend.encode_docs
 
     def recording(self, docs, *, max_batch_tokens, keep_layers=None):
         calls.append((max_batch_tokens, keep_layers, torch.is_grad_enabled()))
         return original(self, docs, max_batch_tokens=max_batch_tokens, keep_layers=keep_layers)
 
-    monkeypatch.setattr(bert_backend.BertBackend, "encode_docs", recording)
+    monkeypatch.setattr(bert_backend.TransformerBackend, "encode_docs", recording)
     return calls
 
 
@@ -79,7 +79,7 @@ def test_concurrent_first_calls_load_the_checkpoint_once(tiny_bert_dir, monkeypa
     nlp = spacy.blank("en")
     nlp.add_pipe("ctx_bert", config={"model": {"name": str(tiny_bert_dir)}})
     loads = []
-    original = bert_backend.BertBackend.from_pretrained.__func__
+    original = bert_backend.TransformerBackend.from_pretrained.__func__
     barrier = threading.Barrier(4)
 
     def slow_load(cls, *args, **kwargs):
@@ -87,7 +87,7 @@ def test_concurrent_first_calls_load_the_checkpoint_once(tiny_bert_dir, monkeypa
         time.sleep(0.2)  # widen the window in which a second thread could start loading
         return original(cls, *args, **kwargs)
 
-    monkeypatch.setattr(bert_backend.BertBackend, "from_pretrained", classmethod(slow_load))
+    monkeypatch.setattr(bert_backend.TransformerBackend, "from_pretrained", classmethod(slow_load))
     errors = []
 
     def work():

@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from spacy_ctx.errors import CheckpointError
-from spacy_ctx.pieces.tokenizer import PieceTokenizer, WordPieceTokenizer
+from spacy_ctx.pieces.tokenizer import PieceTokenizer
 
 from .tiny_tokenizers import KINDS, MODEL_TYPES, write_tokenizer
 
@@ -65,6 +65,24 @@ def test_specials_equal_hf(tokenizer_dir):
         assert ours.suffix_ids == [info["sep_token_id"]]
     assert ours.pad_id == (info["pad_token_id"] if info["pad_token_id"] is not None else 0)
     assert ours.max_id == info["vocab_size"] - 1
+
+
+def test_padding_and_truncation_in_tokenizer_json_are_ignored(tokenizer_dir, tmp_path):
+    """A tokenizer.json that pads and truncates (all-MiniLM-L6-v2 pads to 128) must
+    not add padding to the specials nor cut documents."""
+    model_type, path, _ = tokenizer_dir
+    shutil.copytree(path, tmp_path / "padded")
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer.enable_padding(length=40, pad_id=0)
+    tokenizer.enable_truncation(max_length=8)
+    tokenizer.save(str(tmp_path / "padded" / "tokenizer.json"))
+    plain = PieceTokenizer.from_pretrained_dir(path)
+    padded = PieceTokenizer.from_pretrained_dir(tmp_path / "padded")
+    assert (padded.prefix_ids, padded.suffix_ids) == (plain.prefix_ids, plain.suffix_ids)
+    text = " ".join([TEXTS[0]] * 5)
+    [(ids, _)] = padded.encode_texts([text])
+    [(expected, _)] = plain.encode_texts([text])
+    assert ids.tolist() == expected.tolist() and len(ids) > 8
 
 
 def test_to_dir_from_dir_round_trip(tokenizer_dir, tmp_path):
@@ -150,11 +168,10 @@ def test_old_pieces_json_still_loads(tmp_path):
     shutil.copy(tmp_path / "hf" / "tokenizer.json", tmp_path / "tokenizer.json")
     old = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
     (tmp_path / "pieces.json").write_text(json.dumps(old))
-    loaded = WordPieceTokenizer.from_dir(tmp_path)
+    loaded = PieceTokenizer.from_dir(tmp_path)
     tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert loaded.prefix_ids == [tokenizer.token_to_id("[CLS]")]
     assert loaded.suffix_ids == [tokenizer.token_to_id("[SEP]")]
-    assert (loaded.cls_id, loaded.sep_id) == (loaded.prefix_ids[0], loaded.suffix_ids[0])
     assert loaded.pad_id == 0 and loaded.kind == "wordpiece"
 
 

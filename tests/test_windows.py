@@ -7,7 +7,7 @@ import pytest
 import spacy
 import torch
 
-from spacy_ctx.backends.bert import BertBackend
+from spacy_ctx.backends.bert import TransformerBackend
 from spacy_ctx.backends.batching import pack_by_length
 from spacy_ctx.backends.windows import plan_windows
 
@@ -87,7 +87,7 @@ def test_long_doc_equals_its_windows(tiny_bert_dir, overlap):
         warnings.simplefilter("error")  # no truncation (or other) warning
         doc = nlp(text)
     assert doc._.ctx.layers.shape[:2] == (3, len(doc))
-    backend: BertBackend = _backend(nlp)
+    backend: TransformerBackend = _backend(nlp)
     [(ids, counts, index)] = backend.pieces.encode_docs([doc])
     assert index.tolist() == list(range(len(ids)))  # simple words: pieces partition tokens
     plan = plan_windows(len(ids), 20, 12, overlap)

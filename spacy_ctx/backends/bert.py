@@ -4,15 +4,14 @@ batched encoding. Pieces align to spaCy tokens by the rule of
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from ..encoders.bert import BertEncoder
-from ..encoders.bert_checkpoint import load_bert_encoder
+from ..encoders.checkpoint import load_encoder, save_encoder
+from ..encoders.family import TransformerEncoder, family_for
 from ..errors import CheckpointError, ConfigError
 from .batching import batch_stats, pack_by_length
 from .windows import OVERLAP_MODES, WindowPlan, plan_windows
@@ -20,26 +19,25 @@ from ..pieces.alignment import identity_or_none
 from ..pieces.tokenizer import PieceTokenizer
 from .base import CtxOutput, Backend, register_backend
 
-# BERT's [CLS] ... [SEP]; kept for older callers. The backend uses the tokenizer's
-# own specials (``pieces.n_specials``: 2 for BERT/RoBERTa, 0 for GPT-2).
-N_SPECIALS = 2
-
-
 @register_backend
-class BertBackend(Backend):
-    """A transformer encoder with its checkpoint's tokenizer and windowing settings.
+class TransformerBackend(Backend):
+    """A transformer encoder of any family (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT,
+    ELECTRA, DeBERTa-v2/v3, ModernBERT, GPT-2; see :mod:`spacy_ctx.encoders.family`)
+    with its checkpoint's tokenizer and windowing settings.
 
-    window: pieces per window without the specials (default: the model's maximum
-    positions minus the specials). stride: pieces between window starts (default:
+    window: pieces per window without the specials (default: the positions the
+    family can use, e.g. 512 of RoBERTa's 514, minus the specials). stride: pieces between window starts (default:
     3/4 of the window). overlap: ``"best"`` (most context on both sides; for a
     causal model the most left context) or ``"mean"``.
     """
 
+    # The backend kind written to backend.json ("bert" for every transformer family,
+    # so pipelines saved before the other families existed still load).
     family = "bert"
 
     def __init__(
         self,
-        encoder: BertEncoder,
+        encoder: TransformerEncoder,
         pieces: PieceTokenizer,
         *,
         name: str,
@@ -51,13 +49,17 @@ class BertBackend(Backend):
         super().__init__(name, mixed_precision)
         self.encoder = encoder
         self.pieces = pieces
+        # The encoder family (model_type in config.json): positions, causality.
+        self.spec = family_for(encoder.config.model_type)
         n_specials = pieces.n_specials
-        max_window = encoder.config.max_position_embeddings - n_specials
+        positions = self.spec.usable_positions(encoder.config)
+        max_window = positions - n_specials
         window = max_window if window is None else int(window)
         if not 1 <= window <= max_window:
             raise ConfigError(
                 f"window={window} pieces does not fit the model '{name}': it must be between "
-                f"1 and {max_window} (max_position_embeddings - {n_specials} specials)."
+                f"1 and {max_window} ({positions} usable positions of this "
+                f"{self.spec.name} model - {n_specials} specials)."
             )
         stride = max(1, (window * 3) // 4) if stride is None else int(stride)
         if not 1 <= stride <= window:
@@ -75,7 +77,7 @@ class BertBackend(Backend):
                 f"(vocab_size in config.json); they belong to different models."
             )
         self.window, self.stride, self.overlap = window, stride, overlap
-        self.causal = _is_causal(encoder)
+        self.causal = self.spec.causal
 
     @property
     def layer_names(self) -> List[str]:
@@ -83,7 +85,7 @@ class BertBackend(Backend):
 
     @property
     def width(self) -> int:
-        return self.encoder.config.hidden_size
+        return self.encoder.width
 
     def settings(self) -> Dict:
         return {
@@ -224,19 +226,14 @@ class BertBackend(Backend):
 
     # -- files ----------------------------------------------------------------------
     def save_files(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.encoder.state_dict().items()}
-        save_file(state, str(path / "model.safetensors"))
-        (path / "config.json").write_text(
-            json.dumps(self.encoder.config.to_dict(), indent=2), encoding="utf8"
-        )
+        """The checkpoint in Hugging Face layout (its original config.json, weights
+        under the family's HF names), so the folder also loads in ``transformers``."""
+        save_encoder(self.encoder, self.spec, self.encoder.config, path)
         self.pieces.to_dir(path)
 
     @classmethod
-    def from_files(cls, path: Path, settings: Dict) -> "BertBackend":
-        _, encoder = load_bert_encoder(path)
-        return cls(encoder, PieceTokenizer.from_dir(path), **settings)
+    def from_files(cls, path: Path, settings: Dict) -> "TransformerBackend":
+        return cls(load_encoder(path).encoder, PieceTokenizer.from_dir(path), **settings)
 
     @classmethod
     def from_pretrained(
@@ -248,9 +245,9 @@ class BertBackend(Backend):
         stride: Optional[int] = None,
         overlap: str = "best",
         mixed_precision: Optional[str] = None,
-    ) -> "BertBackend":
-        """Load from a Hugging Face-format checkpoint directory."""
-        _, encoder = load_bert_encoder(model_dir)
+    ) -> "TransformerBackend":
+        """Load from a Hugging Face-format checkpoint directory of any supported family."""
+        encoder = load_encoder(model_dir).encoder
         pieces = PieceTokenizer.from_pretrained_dir(model_dir)
         return cls(
             encoder,
@@ -263,12 +260,3 @@ class BertBackend(Backend):
         )
 
 
-def _is_causal(encoder: torch.nn.Module) -> bool:
-    """Whether the encoder's family attends leftwards only (GPT-2)."""
-    from ..encoders.family import family_for
-
-    model_type = getattr(getattr(encoder, "config", None), "model_type", None)
-    try:
-        return bool(family_for(model_type).causal)
-    except CheckpointError:
-        return False

@@ -147,7 +147,7 @@ class ElmoBackend(Backend):
     def segment_stats(self, docs: Sequence, *, max_batch_tokens: Optional[int] = None) -> Dict[str, int]:
         """What :meth:`encode_docs` would feed the encoder for ``docs``, without running it.
 
-        The ELMo counterpart of ``BertBackend.window_stats``. Returns ``n_docs``,
+        The ELMo counterpart of ``TransformerBackend.window_stats``. Returns ``n_docs``,
         ``n_tokens`` (non-space tokens encoded), ``n_segments`` (sentences or chunks:
         encoder sequences) and ``n_positions`` (tokens plus ``<S>``/``</S>`` of each
         segment); with ``max_batch_tokens`` also ``n_batches`` and ``n_padded_positions``.

@@ -441,16 +441,17 @@ def load_encoder(model_dir: Union[str, Path]) -> LoadedEncoder:
 def save_encoder(
     encoder: TransformerEncoder, family: Family, config: Any, path: Union[str, Path]
 ) -> None:
-    """Write ``config.json`` (the original dict) and ``model.safetensors`` with our
-    own tensor names, marked as such in the safetensors metadata, so that
-    :func:`load_encoder` reads them back as they are."""
+    """Write a Hugging Face-format checkpoint: ``config.json`` (the original dict the
+    config was read from) and ``model.safetensors`` under the family's HF names
+    (:func:`export_state_dict`, no prefix), so the folder loads both here and in
+    ``transformers``' ``*Model.from_pretrained``."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"), metadata=dict(OUR_METADATA))
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config.raw)
+    save_file(export_state_dict(encoder, family), str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    data = dict(config.raw) if getattr(config, "raw", None) else config.to_dict()
     (path / "config.json").write_text(json.dumps(data, indent=2), encoding="utf8")
 
 

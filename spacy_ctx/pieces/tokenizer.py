@@ -111,16 +111,6 @@ class PieceTokenizer:
         """Specials added around every window (2 for BERT/RoBERTa, 0 for GPT-2)."""
         return len(self.prefix_ids) + len(self.suffix_ids)
 
-    @property
-    def cls_id(self) -> Optional[int]:
-        """First prefix id (``[CLS]``/``<s>``), None without specials (compatibility)."""
-        return self.prefix_ids[0] if self.prefix_ids else None
-
-    @property
-    def sep_id(self) -> Optional[int]:
-        """Last suffix id (``[SEP]``/``</s>``), None without specials (compatibility)."""
-        return self.suffix_ids[-1] if self.suffix_ids else None
-
     # -- encoding ---------------------------------------------------------------------
     def encode_texts(self, texts: Sequence[str]) -> List[Tuple[np.ndarray, np.ndarray]]:
         """Piece ids (int64) and trimmed character spans ((n, 2) int64) of each text."""
@@ -143,27 +133,6 @@ class PieceTokenizer:
             starts, ends, is_space = doc_token_spans(doc)
             counts, index = align_offsets(spans, starts, ends, is_space)
             results.append((ids, counts, index))
-        return results
-
-    def encode(self, docs_words: Sequence[Sequence[str]]) -> List[Tuple[np.ndarray, np.ndarray]]:
-        """Legacy word-level encoding: each word alone (HF ``is_split_into_words``).
-
-        Not what the backend feeds the model (see :meth:`encode_docs`); kept for
-        code that counts pieces of pre-split words. Returns ``(ids, piece_counts)``.
-        """
-        non_empty = [i for i, words in enumerate(docs_words) if len(words)]
-        encodings = self.tokenizer.encode_batch(
-            [list(docs_words[i]) for i in non_empty], is_pretokenized=True, add_special_tokens=False
-        )
-        results: List[Tuple[np.ndarray, np.ndarray]] = [
-            (np.zeros((0,), dtype=np.int64), np.zeros((len(words),), dtype=np.int32))
-            for words in docs_words
-        ]
-        for i, encoding in zip(non_empty, encodings):
-            word_ids = np.asarray([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
-            ids = np.asarray(encoding.ids, dtype=np.int64)[word_ids >= 0]
-            word_ids = word_ids[word_ids >= 0]
-            results[i] = (ids, np.bincount(word_ids, minlength=len(docs_words[i])).astype(np.int32))
         return results
 
     # -- loading and saving -------------------------------------------------------------
@@ -212,6 +181,10 @@ class PieceTokenizer:
                 f"{TOKENIZER_FILE}, or vocab.json + merges.txt (byte-level BPE), or vocab.txt "
                 "(WordPiece)."
             )
+        # Some tokenizer.json files switch on padding and truncation (all-MiniLM-L6-v2
+        # pads to 128); neither may touch the probe or the documents.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         prefix, suffix = _probe_specials(tokenizer)
         if prefix is None:
             prefix, suffix = _configured_specials(tokenizer, names, model_type, source)
@@ -314,7 +287,6 @@ class PieceTokenizer:
 
 
 #: The earlier name of :class:`PieceTokenizer` (WordPiece only).
-WordPieceTokenizer = PieceTokenizer
 
 
 # -- helpers ---------------------------------------------------------------------------------
