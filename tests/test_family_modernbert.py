@@ -244,10 +244,7 @@ def test_window_size_changes_the_result(tmp_path):
 def test_load_encoder_from_the_saved_dir(model_dir):
     from spacy_ctx.encoders import checkpoint
 
-    if not hasattr(checkpoint, "load_encoder"):
-        pytest.skip("checkpoint.load_encoder is not there yet")
-    loaded = checkpoint.load_encoder(model_dir)
-    encoder = loaded[0] if isinstance(loaded, tuple) else loaded
+    encoder = checkpoint.load_encoder(model_dir).encoder
     assert isinstance(encoder, ModernBertEncoder)
     encoder.eval()
     hf = _hf_model(model_dir)

@@ -337,7 +337,7 @@ def test_export_to_hugging_face_names(checkpoints, model_type):
         ("distilbert", {"sinusoidal_pos_embds": "yes"}, "sinusoidal_pos_embds"),
         ("distilbert", {"n_layers": 10_000}, "n_layers"),
         ("electra", {"embedding_size": 0}, "embedding_size"),
-        ("electra", {"embedding_size": 48}, "(100, 48)"),
+        ("electra", {"embedding_size": 48}, "implies (400, 48)"),
         ("roberta", {"max_position_embeddings": 4}, "max_position_embeddings"),
         ("roberta", {"position_embedding_type": "relative_key"}, "position_embedding_type"),
         ("camembert", {"type_vocab_size": 2}, "(2, 64)"),

@@ -47,12 +47,11 @@ __all__ = ["align_offsets", "doc_token_spans", "identity_or_none", "trim_offsets
 
 def doc_token_spans(doc) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Character ``starts``, ``ends`` (int64) and ``is_space`` (bool) of every token."""
-    from spacy.attrs import IDX, IS_SPACE, LENGTH
-
     if len(doc) == 0:
         empty = np.zeros((0,), dtype=np.int64)
         return empty, empty, np.zeros((0,), dtype=bool)
-    array = doc.to_array([IDX, LENGTH, IS_SPACE]).astype(np.int64)
+    # Attribute names as strings: pieces/ does not import spaCy (tests/test_layout.py).
+    array = doc.to_array(["IDX", "LENGTH", "IS_SPACE"]).astype(np.int64)
     starts = array[:, 0]
     return starts, starts + array[:, 1], array[:, 2].astype(bool)
 
