@@ -24,11 +24,13 @@ def build_bert_encoder(
     device: Optional[str] = None,
     mixed_precision: Optional[str] = None,
 ) -> Model[List[Doc], List[CtxOutput]]:
-    """``spacy_ctx.BertEncoder.v1``: a BERT-family encoder, loaded on initialize/first use.
+    """``spacy_ctx.BertEncoder.v1``: a transformer encoder of any supported family (chosen by
+    ``config.json``'s ``model_type``), loaded on initialize/first use.
 
     name: local Hugging Face-format directory, or a hub id (needs the ``hub`` extra
         and a network connection or a filled hub cache).
-    window: word pieces per window, without [CLS]/[SEP]; None = the model maximum.
+    window: pieces per window, without the specials ([CLS]/[SEP], <s>/</s>; none for
+        GPT-2); None = the family's usable positions minus the specials.
     stride: pieces between window starts; None = 3/4 of the window.
     overlap: ``"best"`` (each piece from the window where it has most context) or
         ``"mean"`` (average over windows).

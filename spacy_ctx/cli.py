@@ -131,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg.add_argument("--listener", choices=["last", "scalar_mix"], default=None,
                      help="default: last for fine-tuned bert, scalar_mix otherwise")
     cfg.add_argument("--gpu", action="store_true", help="bf16 autocast and the pytorch allocator")
-    cfg.add_argument("--encoder-path", help="BERT checkpoint dir or hub id for [paths] encoder")
+    cfg.add_argument("--encoder-path", help="transformer checkpoint dir or hub id (any supported family) for [paths] encoder")
     cfg.add_argument("--elmo-options", help="ELMo options.json for [paths]")
     cfg.add_argument("--elmo-weights", help="ELMo weights.hdf5 for [paths]")
     info_parser = commands.add_parser(

@@ -174,7 +174,7 @@ def test_window_stats_match_what_is_encoded(tiny_bert_dir: Path, make_doc, monke
     stats = backend.window_stats(docs, max_batch_tokens=128)
     assert calls == [], "window_stats ran the encoder"
     with torch.inference_mode():
-        outputs = backend.encode_docs(docs, max_batch_tokens=128)
+        backend.encode_docs(docs, max_batch_tokens=128)
     n_pieces = sum(len(ids) for ids, _, _ in backend.pieces.encode_docs(docs))
     n_windows = sum(batch for (batch, _), _ in calls)
     n_positions = sum(real for _, real in calls)

@@ -45,7 +45,10 @@ def make_ctx_bert(
     feature_cache_mb: float,
     optimizer: Optional[Optimizer],
 ) -> CtxComponent:
-    """A BERT-family encoder whose layers, pooled to tokens, land on ``doc._.ctx``.
+    """A transformer encoder whose layers, pooled to tokens, land on ``doc._.ctx``.
+
+    Any supported family: BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA,
+    DeBERTa-v2/v3, ModernBERT, GPT-2 (chosen by the checkpoint's ``model_type``).
 
     model: a ``spacy_ctx.BertEncoder.v1`` block (checkpoint ``name``, windowing,
         device, mixed precision). frozen: no gradients into the encoder.
