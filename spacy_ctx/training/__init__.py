@@ -1,0 +1,1 @@
+"""Pretraining: raw text, masking, packing, the MLM/NSP and ELMo training loops."""
