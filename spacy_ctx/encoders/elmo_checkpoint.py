@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple, Union
+from typing import Any, Dict, Iterator, Mapping, Tuple, Union
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ __all__ = [
     "load_elmo",
     "load_elmo_hdf5_weights",
     "save_elmo_hdf5",
+    "write_elmo_weights",
     "save_elmo_options",
     "save_elmo_safetensors",
     "load_elmo_safetensors",
@@ -325,16 +326,50 @@ def save_elmo_options(model_or_options: Union[ElmoBiLM, ElmoOptions], path: Path
     Path(path).write_text(json.dumps(options.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
+def write_elmo_weights(
+    model: ElmoBiLM, options: Union[ElmoOptions, Mapping[str, Any]], path: PathLike
+) -> Path:
+    """Write ``model``'s weights as a bilm-tf/AllenNLP ``weights.hdf5`` at ``path``.
+
+    The inverse of :func:`load_elmo_hdf5_weights`: every dataset of
+    :func:`expected_hdf5_shapes` (TF ``x @ W`` matrices, TF gate order i, j, f, o,
+    no padding row in ``char_embed``, LSTM bias without the +1 forget offset),
+    float32, in groups like the published files. ``options`` (an
+    :class:`ElmoOptions` or an ``options.json`` dict) must describe ``model``: the
+    file is only useful next to the options it belongs to, so a mismatch is
+    refused before anything is written. Reading the file back gives
+    bit-identical parameters. Returns ``path``.
+    """
+    h5py = _import_h5py()
+    path = Path(path)
+    if not isinstance(options, ElmoOptions):
+        options = ElmoOptions.from_dict(options, source=f"options for '{path}'")
+    if options.to_dict() != model.options.to_dict():
+        raise CheckpointError(
+            f"{path}: the options given ({json.dumps(options.to_dict())}) do not describe the "
+            f"model ({json.dumps(model.options.to_dict())}). Pass the model's own options "
+            "(model.options)."
+        )
+    expected = expected_hdf5_shapes(options)
+    arrays = dict(_tf_arrays_from_model(model))
+    for name, shape in expected.items():  # our own layout code, checked before writing
+        found = tuple(arrays[name].shape) if name in arrays else None
+        if found != shape:
+            raise CheckpointError(f"{path}: dataset '{name}' would have shape {found}, expected {shape}.")
+    with h5py.File(path, "w") as handle:
+        for name in expected:
+            handle.create_dataset(name, data=np.ascontiguousarray(arrays[name], dtype=np.float32))
+    return path
+
+
 def save_elmo_hdf5(model: ElmoBiLM, path: PathLike) -> None:
     """Write the model's weights in the bilm-tf/AllenNLP ``weights.hdf5`` layout.
 
     Reading the file back with :func:`load_elmo` (and the options from
-    :func:`save_elmo_options`) gives bit-identical parameters.
+    :func:`save_elmo_options`) gives bit-identical parameters. Same as
+    :func:`write_elmo_weights` with the model's own options.
     """
-    h5py = _import_h5py()
-    with h5py.File(Path(path), "w") as handle:
-        for name, value in _tf_arrays_from_model(model):
-            handle.create_dataset(name, data=np.ascontiguousarray(value, dtype=np.float32))
+    write_elmo_weights(model, model.options, path)
 
 
 # --------------------------------------------------------------------------
