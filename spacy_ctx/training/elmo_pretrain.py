@@ -667,7 +667,8 @@ def pretrain_elmo(config: Mapping[str, Any], output: PathLike, *, resume: bool =
     Returns:
         A summary: ``step``, ``best`` (held-out scores of model-best), ``last``
         (latest evaluation), ``vocab_size``, ``n_train_sentences``,
-        ``n_heldout_sentences``, ``softmax`` ("full" or "sampled").
+        ``n_heldout_sentences``, ``softmax`` ("full" or "sampled") and ``model``
+        (the trained :class:`ElmoLanguageModel`, in eval mode: what model-last holds).
     """
     settings = read_elmo_settings(config)  # everything checked before reading data
     device = _device(gpu_id)
@@ -676,6 +677,9 @@ def pretrain_elmo(config: Mapping[str, Any], output: PathLike, *, resume: bool =
     if resume and not state_path.is_file():
         raise ConfigError(f"--resume: {state_path} does not exist; start the run without --resume")
     output.mkdir(parents=True, exist_ok=True)
+    metrics_path = output / "metrics.jsonl"
+    if not resume and metrics_path.exists():
+        metrics_path.unlink()  # a fresh run in an old folder: its rows only
 
     # -- data ------------------------------------------------------------------
     texts = _read_texts(settings.raw_text, settings.text_key, settings.max_chars)
@@ -729,7 +733,8 @@ def pretrain_elmo(config: Mapping[str, Any], output: PathLike, *, resume: bool =
     step, epoch, position = 0, 0, 0
     best: Optional[Dict[str, Any]] = None
     if resume:
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        # On the CPU: random states must stay CPU tensors; load_state_dict moves the rest.
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["vocab"] != vocab.words or _resumable(state["settings"]) != _resumable(settings.to_json()):
             raise ConfigError(
                 f"--resume: {state_path} was written with other settings or text; resume with the "
@@ -739,6 +744,8 @@ def pretrain_elmo(config: Mapping[str, Any], output: PathLike, *, resume: bool =
         optimizer.load_state_dict(state["optimizer"])
         sampler_rng.set_state(state["sampler_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         step, epoch, position, best = state["step"], state["epoch"], state["position"], state["best"]
 
     def save_state() -> None:
@@ -750,6 +757,7 @@ def pretrain_elmo(config: Mapping[str, Any], output: PathLike, *, resume: bool =
                 "optimizer": optimizer.state_dict(),
                 "sampler_rng": sampler_rng.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "step": step,
                 "epoch": epoch,
                 "position": position,
@@ -765,7 +773,6 @@ def pretrain_elmo(config: Mapping[str, Any], output: PathLike, *, resume: bool =
     from tqdm import tqdm
 
     log = _Log()
-    metrics_path = output / "metrics.jsonl"
     batches = _epoch_batches(lengths, settings.batch_tokens, settings.seed, epoch)
     loss_sum, loss_steps, words, train_seconds = 0.0, 0, 0, 0.0
     last: Optional[Dict[str, Any]] = None
@@ -845,6 +852,7 @@ def pretrain_elmo(config: Mapping[str, Any], output: PathLike, *, resume: bool =
         "n_train_sentences": len(train),
         "n_heldout_sentences": len(heldout),
         "softmax": info_base["softmax"],
+        "model": model.eval(),
     }
 
 
