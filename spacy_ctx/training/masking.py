@@ -84,8 +84,9 @@ def mask_for_mlm(
     unchanged. Random pieces are drawn uniformly from ``0..vocab_size-1`` minus
     ``special_ids`` and ``mask_id`` (pass the tokenizer's special ids, e.g.
     :func:`spacy_ctx.training.packing.special_ids_of`, and its ``max_id + 1`` as
-    ``vocab_size``). All randomness comes from ``generator`` (on the tensors'
-    device), in an amount that does not depend on the data for "piece" and "word".
+    ``vocab_size``). All randomness comes from ``generator`` (on any device;
+    numbers are drawn there and moved to the tensors' device), so the same
+    generator state gives the same masks, and every call advances it.
     """
     _check_arguments(input_ids, special_mask, word_ids, mode, probability, mask_id, vocab_size,
                      span_p, max_span, replace, attention_mask)

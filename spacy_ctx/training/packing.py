@@ -310,10 +310,12 @@ def pack_sequences(
         if n == 0:
             continue
         unit_starts = np.flatnonzero(np.concatenate([[True], doc.word_ids[1:] != doc.word_ids[:-1]]))
+        first_unit = int(unit_starts[1]) if len(unit_starts) > 1 else n
         position = 0
         while position < n:
             if position == 0 and used > 0:
-                if used + len(separator) + 1 > capacity:
+                # The separator only goes in when the document's first unit fits after it.
+                if used + len(separator) + min(first_unit, capacity) > capacity:
                     yield emit()
                     continue
                 if len(separator):
@@ -404,9 +406,12 @@ def make_nsp_pairs(
     one); segment A is the first 1..k-1 sentences of the chunk; with
     probability ``next_prob`` B is the rest of the chunk (``is_next``), else B is
     consecutive sentences from a random other document and the unused sentences
-    of the chunk are reused. A chunk of one sentence always gets a random B (it
-    has no next sentence in the chunk); with only one document such chunks are
-    skipped. The pair is trimmed (from the longer segment, at a random end) to
+    of the chunk are reused. A chunk of one sentence takes its actual next
+    sentence as B when the document has one; at the end of a document it can
+    only get a random B, and the next free choice is then turned into a real
+    next pair, so ``is_next`` stays at ``next_prob`` overall (BERT's own script
+    ends up with fewer real pairs). With only one document there is no random B:
+    pairs are all real and single-sentence chunks are skipped. The pair is trimmed (from the longer segment, at a random end) to
     fit ``prefix A sep B sep`` in ``seq_len``. ``rng``: a ``random.Random``.
     """
     prefix = np.asarray(list(prefix_ids), dtype=np.int64)
@@ -416,6 +421,7 @@ def make_nsp_pairs(
         raise ConfigError(f"seq_len {seq_len} is too short for NSP pairs: it needs room for two pieces and the specials.")
     docs = [[s for s in (_as_doc(sent) for sent in sentences) if len(s.ids)] for sentences in doc_sentences]
     nonempty = [i for i, sentences in enumerate(docs) if sentences]
+    owed = 0  # random Bs forced by single-sentence chunks, not yet balanced
     for doc_index, sentences in enumerate(docs):
         target = max_pieces
         if rng.random() < short_seq_prob:
@@ -427,9 +433,18 @@ def make_nsp_pairs(
             chunk.append(sentences[i])
             length += len(sentences[i].ids)
             if i == len(sentences) - 1 or length >= target:
+                is_next = rng.random() < next_prob
+                if is_next and len(chunk) == 1 and i + 1 < len(sentences):
+                    i += 1  # one long sentence: its actual next sentence is B
+                    chunk.append(sentences[i])
+                if len(chunk) == 1:  # no next sentence: B must be random
+                    owed += int(is_next)
+                    is_next = False
+                elif not is_next and owed:  # make up for a forced random B
+                    owed -= 1
+                    is_next = True
                 a_end = 1 if len(chunk) < 2 else rng.randint(1, len(chunk) - 1)
                 first = chunk[:a_end]
-                is_next = len(chunk) > 1 and rng.random() < next_prob
                 second: List[DocPieces] = []
                 if is_next:
                     second = chunk[a_end:]
