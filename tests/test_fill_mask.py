@@ -98,10 +98,14 @@ def test_format_table(pretraining_dir):
 # -- next sentence ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "first, second",
-    [("The bank raised interest rates.", "Markets fell sharply."), ("Hello!", "A much longer second sentence, with commas.")],
+    [
+        ("The bank raised interest rates.", "Markets fell sharply."),
+        ("Hello!", "A much longer second sentence, with commas."),
+    ],
 )
 def test_next_sentence_equals_bert_for_pretraining(pretraining_dir, first, second):
-    hf = transformers.BertForPreTraining.from_pretrained(str(pretraining_dir), attn_implementation="eager").eval()
+    hf = transformers.BertForPreTraining.from_pretrained(str(pretraining_dir), attn_implementation="eager")
+    hf.eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(pretraining_dir))
     with torch.no_grad():
         logits = hf(**tokenizer(first, second, return_tensors="pt")).seq_relationship_logits
@@ -110,7 +114,8 @@ def test_next_sentence_equals_bert_for_pretraining(pretraining_dir, first, secon
 
 
 def test_next_sentence_after_export(pretraining_dir, tmp_path):
-    out = save_pretrained(load_pretraining_model(pretraining_dir, nsp=True), pretraining_dir, tmp_path / "export")
+    model = load_pretraining_model(pretraining_dir, nsp=True)
+    out = save_pretrained(model, pretraining_dir, tmp_path / "export")
     a, b = "The bank raised interest rates.", "Markets fell."
     assert next_sentence(out, a, b) == pytest.approx(next_sentence(pretraining_dir, a, b), abs=1e-6)
 

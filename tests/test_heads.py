@@ -94,7 +94,8 @@ def _pad_id(model) -> int:
 @pytest.fixture(scope="module", params=CASES, ids=[case[0] for case in CASES])
 def case(request, tmp_path_factory):
     name, model_type, head, overrides, class_name = request.param
-    path = write_tiny_model(model_type, tmp_path_factory.mktemp(name.replace("-", "_")), head=head, **overrides)
+    folder = tmp_path_factory.mktemp(name.replace("-", "_"))
+    path = write_tiny_model(model_type, folder, head=head, **overrides)
     return name, path, class_name
 
 
@@ -172,15 +173,15 @@ def test_bare_checkpoint_gets_a_new_tied_head(model_type, tmp_path):
     # The seed decides the new head; the encoder is the checkpoint's.
     same = load_pretraining_model(path, seed=3)
     other = load_pretraining_model(path, seed=4)
-    for (name, a), b, c in zip(
-        head.state_dict().items(), same.lm_head.state_dict().values(), other.lm_head.state_dict().values()
-    ):
+    states = (head.state_dict(), same.lm_head.state_dict(), other.lm_head.state_dict())
+    for (name, a), b, c in zip(states[0].items(), states[1].values(), states[2].values()):
         assert torch.equal(a, b)
         if name.startswith("dense.") and name.endswith("weight"):
             assert not torch.equal(a, c)
     # The export is a complete HF model with the new head.
     class_name = "AutoModelForCausalLM" if model_type == "gpt2" else "AutoModelForMaskedLM"
-    hf, info = _hf(class_name, save_pretrained(model, path, tmp_path / "export"), output_loading_info=True)
+    out = save_pretrained(model, path, tmp_path / "export")
+    hf, info = _hf(class_name, out, output_loading_info=True)
     assert _clean(info) == {}, info
     ids, mask = _batch(model.config.vocab_size, _pad_id(model))
     _assert_close_real(_ours(model, ids, mask)[0], _hf_logits(hf, ids, mask)[0], mask)
@@ -245,7 +246,8 @@ def test_new_nsp_head_on_mlm_checkpoint(tmp_path):
     hf, info = _hf("BertForPreTraining", out, output_loading_info=True)
     assert _clean(info) == {}, info
     ids, mask, types = _pair_batch(model.config.vocab_size)
-    torch.testing.assert_close(_ours(model, ids, mask, types)[1], _hf_logits(hf, ids, mask, types)[1], atol=1e-4, rtol=0)
+    theirs = _hf_logits(hf, ids, mask, types)[1]
+    torch.testing.assert_close(_ours(model, ids, mask, types)[1], theirs, atol=1e-4, rtol=0)
 
 
 def test_nsp_needs_bert(tmp_path):
@@ -278,7 +280,8 @@ def mlm_dir(tmp_path) -> Path:
 
 def test_partial_head_is_an_error(mlm_dir):
     _rewrite(mlm_dir, lambda s: s.pop("cls.predictions.transform.dense.bias"))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*missing key\(s\) 'cls\.predictions\.transform\.dense\.bias'"):
+    expected = r"model\.safetensors.*missing key\(s\) 'cls\.predictions\.transform\.dense\.bias'"
+    with pytest.raises(CheckpointError, match=expected):
         load_pretraining_model(mlm_dir)
 
 
@@ -287,7 +290,8 @@ def test_head_shape_mismatch_is_an_error(mlm_dir):
         state["cls.predictions.bias"] = torch.zeros(7)
 
     _rewrite(mlm_dir, edit)
-    with pytest.raises(CheckpointError, match=r"'cls\.predictions\.bias' has shape \(7,\) but config\.json implies \(\d+,\)"):
+    expected = r"'cls\.predictions\.bias' has shape \(7,\) but config\.json implies \(\d+,\)"
+    with pytest.raises(CheckpointError, match=expected):
         load_pretraining_model(mlm_dir)
 
 
@@ -296,7 +300,8 @@ def test_unknown_name_in_head_is_an_error(mlm_dir):
         state["cls.predictions.transform.extra.weight"] = torch.zeros(3)
 
     _rewrite(mlm_dir, edit)
-    with pytest.raises(CheckpointError, match=r"unexpected key\(s\) 'cls\.predictions\.transform\.extra\.weight'"):
+    expected = r"unexpected key\(s\) 'cls\.predictions\.transform\.extra\.weight'"
+    with pytest.raises(CheckpointError, match=expected):
         load_pretraining_model(mlm_dir)
 
 
@@ -343,3 +348,29 @@ def test_export_without_tokenizer_files_is_an_error(mlm_dir, tmp_path):
     model = load_pretraining_model(mlm_dir)
     with pytest.raises(CheckpointError, match="no tokenizer files"):
         save_pretrained(model, tmp_path / "empty", tmp_path / "export")
+
+
+def test_predict_selects_positions(mlm_dir):
+    """``predict`` runs the LM head only where asked: the same logits as the full
+    output at those positions."""
+    model = load_pretraining_model(mlm_dir).eval()
+    ids, mask = _batch(model.config.vocab_size, 0)
+    predict = torch.zeros_like(ids, dtype=torch.bool)
+    predict[0, [1, 5]] = True
+    predict[1, 3] = True
+    with torch.no_grad():
+        full, _ = model(ids, mask)
+        some, _ = model(ids, mask, predict=predict)
+    assert some.shape == (3, model.config.vocab_size)
+    torch.testing.assert_close(some, full[predict], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="predict must have"):
+        model(ids, mask, predict=predict[:, :4])
+
+
+def test_unknown_head_activation_is_an_error(tmp_path):
+    path = write_tiny_model("modernbert", tmp_path / "modernbert", head="mlm")
+    config = json.loads((path / "config.json").read_text())
+    config["classifier_activation"] = "swoosh"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot build the LM head.*swoosh"):
+        load_pretraining_model(path)

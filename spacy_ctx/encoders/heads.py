@@ -118,7 +118,10 @@ class HeadSpec:
         """The head module's name for a checkpoint name, None if no rule matches."""
         for theirs, ours in self.names:
             theirs = theirs.replace("{encoder}", encoder_prefix)
-            if checkpoint_name == theirs or (theirs.endswith(".") and checkpoint_name.startswith(theirs)):
+            # A rule ending in "." is a prefix; any other names one tensor.
+            if checkpoint_name == theirs or (
+                theirs.endswith(".") and checkpoint_name.startswith(theirs)
+            ):
                 return ours + checkpoint_name[len(theirs):]
         return None
 
@@ -130,7 +133,9 @@ class HeadSpec:
         return None
 
     def owns(self, checkpoint_name: str, encoder_prefix: str = "") -> bool:
-        return any(checkpoint_name.startswith(s.replace("{encoder}", encoder_prefix)) for s in self.scope)
+        """Is ``checkpoint_name`` inside this head's part of the checkpoint?"""
+        scopes = (s.replace("{encoder}", encoder_prefix) for s in self.scope)
+        return any(checkpoint_name.startswith(scope) for scope in scopes)
 
 
 def _raw(config: Any) -> Dict[str, Any]:
@@ -141,7 +146,10 @@ def _raw(config: Any) -> Dict[str, Any]:
 def _bert_like(activation_of: Callable[[Any], str]) -> Callable[[Any, nn.Parameter], nn.Module]:
     def build(config: Any, embedding: nn.Parameter) -> nn.Module:
         return LMHead(
-            config.hidden_size, embedding, activation_name=activation_of(config), eps=config.layer_norm_eps
+            config.hidden_size,
+            embedding,
+            activation_name=activation_of(config),
+            eps=config.layer_norm_eps,
         )
 
     return build
@@ -176,7 +184,11 @@ def _rules(dense: str, norm: str, bias: str) -> Tuple[NameRule, ...]:
 
 BERT_MLM = HeadSpec(
     "bert-mlm",
-    _rules("cls.predictions.transform.dense.", "cls.predictions.transform.LayerNorm.", "cls.predictions.bias"),
+    _rules(
+        "cls.predictions.transform.dense.",
+        "cls.predictions.transform.LayerNorm.",
+        "cls.predictions.bias",
+    ),
     ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
     ("cls.predictions.",),
     _bert_like(lambda c: c.hidden_act),
@@ -213,7 +225,11 @@ DEBERTA_MLM = HeadSpec(
 )
 DEBERTA_MLM_NEW = HeadSpec(
     "deberta-v2-lm-predictions",
-    _rules("lm_predictions.lm_head.dense.", "lm_predictions.lm_head.LayerNorm.", "lm_predictions.lm_head.bias"),
+    _rules(
+        "lm_predictions.lm_head.dense.",
+        "lm_predictions.lm_head.LayerNorm.",
+        "lm_predictions.lm_head.bias",
+    ),
     (),
     ("lm_predictions.",),
     _bert_like(lambda c: c.hidden_act),
@@ -334,10 +350,18 @@ class PretrainingModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         token_type_ids: Optional[torch.Tensor] = None,
+        *,
+        predict: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """input_ids, attention_mask, token_type_ids: (batch, length). Returns the LM
         logits (batch, length, vocab) and the NSP logits (batch, 2), or None
-        without an NSP head. For a causal model, position i predicts piece i+1."""
+        without an NSP head. For a causal model, position i predicts piece i+1.
+
+        predict: optional bool (batch, length); the LM head then runs at those
+        positions only and the logits are (n_true, vocab), in row-major order
+        (an MLM loss needs only the masked pieces; the vocabulary projection
+        is most of a small model's cost).
+        """
         if token_type_ids is not None:
             if not self._takes_types:
                 raise ValueError(f"the {self.family.name} encoder takes no token_type_ids")
@@ -346,9 +370,17 @@ class PretrainingModel(nn.Module):
             outputs = self.encoder(input_ids, attention_mask)
         hidden = outputs[-1]
         nsp = self.nsp_head(hidden) if self.nsp_head is not None else None
+        if predict is not None:
+            if predict.shape != input_ids.shape:
+                raise ValueError(
+                    f"predict must have input_ids' shape {tuple(input_ids.shape)}, "
+                    f"got {tuple(predict.shape)}"
+                )
+            return self.lm_head(hidden[predict.bool()]), nsp
         return self.lm_head(hidden), nsp
 
 
 def strip_tf_names(name: str) -> str:
     """Old TF-converted checkpoints call LayerNorm parameters gamma/beta."""
-    return re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name))
+    name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
+    return re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)

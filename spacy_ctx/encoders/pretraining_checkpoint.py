@@ -100,10 +100,13 @@ def load_pretraining_model(
     std = _initializer_range(config)
 
     spec = _lm_spec(family, config, keys, encoder_prefix, source)
-    lm_head = spec.build(config, embedding)
+    try:
+        lm_head = spec.build(config, embedding)
+    except ValueError as err:  # e.g. an unknown classifier_activation
+        raise CheckpointError(f"{model_dir / 'config.json'}: cannot build the LM head ({err}).") from err
     init_head(lm_head, std, generator)
     loaded: List[str] = []
-    if _load_head(spec, lm_head, weights, keys, encoder_prefix, embedding):
+    if _load_head(spec, lm_head, weights, keys, encoder_prefix):
         loaded.append("lm")
     elif not create_missing:
         raise CheckpointError(
@@ -116,7 +119,8 @@ def load_pretraining_model(
         nsp_spec = NSP_HEADS[family.name]
         nsp_head = nsp_spec.build(config, embedding)
         init_head(nsp_head, std, generator)
-        if _load_head(nsp_spec, nsp_head, weights, keys, encoder_prefix, embedding, need="cls.seq_relationship."):
+        # BERT's pooler alone (a bare BertModel has one) is no next-sentence head.
+        if _load_head(nsp_spec, nsp_head, weights, keys, encoder_prefix, need="cls.seq_relationship."):
             loaded.append("nsp")
         elif not create_missing:
             raise CheckpointError(
@@ -152,10 +156,13 @@ def _outer_keys(weights: CheckpointWeights, family: Family, config: Any) -> Tupl
 def _initializer_range(config: Any) -> float:
     raw = getattr(config, "raw", None) or {}
     value = raw.get("initializer_range", 0.02) if isinstance(raw, dict) else 0.02
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0.02
+    usable = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return float(value) if usable else 0.02
 
 
-def _lm_spec(family: Family, config: Any, keys: Dict[str, str], encoder_prefix: str, source: Path) -> HeadSpec:
+def _lm_spec(
+    family: Family, config: Any, keys: Dict[str, str], encoder_prefix: str, source: Path
+) -> HeadSpec:
     """The head layout the checkpoint uses; for a new head, the one its config implies."""
     specs = LM_HEADS[family.name]
     present = [s for s in specs if any(s.owns(name, encoder_prefix) for name in keys)]
@@ -173,7 +180,11 @@ def _lm_spec(family: Family, config: Any, keys: Dict[str, str], encoder_prefix: 
 
 
 def _check_tied(
-    weights: CheckpointWeights, keys: Dict[str, str], family: Family, config: Any, embedding: nn.Parameter
+    weights: CheckpointWeights,
+    keys: Dict[str, str],
+    family: Family,
+    config: Any,
+    embedding: nn.Parameter,
 ) -> None:
     """Our decoders are tied to the word embeddings. A stored decoder weight must
     have the embeddings' shape, and when ``tie_word_embeddings`` is false it must
@@ -207,7 +218,6 @@ def _load_head(
     weights: CheckpointWeights,
     keys: Dict[str, str],
     encoder_prefix: str,
-    embedding: nn.Parameter,
     need: Optional[str] = None,
 ) -> bool:
     """Copy the head's tensors into ``module``. False if the checkpoint has none
@@ -322,7 +332,8 @@ def save_pretrained(model: PretrainingModel, tokenizer: Any, path: Union[str, Pa
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(export_pretraining_state_dict(model), str(path / "model.safetensors"), metadata={"format": "pt"})
+    state = export_pretraining_state_dict(model)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(hf_config(model), indent=2), encoding="utf8")
     if hasattr(tokenizer, "to_dir"):
         tokenizer.to_dir(path)

@@ -205,8 +205,7 @@ def format_fill_mask(results: List[List[Prediction]]) -> str:
         width = max([len(repr(o["token_str"])) for o in options] + [5])
         lines.append(f"{'#':>3}  {'piece':<{width}}  {'prob':>8}  sequence")
         for rank, option in enumerate(options, start=1):
-            lines.append(
-                f"{rank:>3}  {repr(option['token_str']):<{width}}  {option['score']:>8.4f}  {option['sequence']}"
-            )
+            piece = repr(option["token_str"])
+            lines.append(f"{rank:>3}  {piece:<{width}}  {option['score']:>8.4f}  {option['sequence']}")
         lines.append("")
     return "\n".join(lines).rstrip("\n")
