@@ -391,3 +391,17 @@ def test_config_file_and_errors(texts, tmp_path):
     with pytest.raises(ConfigError):
         pretrain_elmo(elmo_config(empty), tmp_path / "out")
     assert not (tmp_path / "out" / "model-last").exists()
+
+
+def test_hostile_raw_text_is_skipped_or_cut_not_a_crash(tmp_path):
+    raw = tmp_path / "raw.txt"
+    long_line = " ".join(["word"] * 2000)  # 9,999 characters, no sentence end
+    raw.write_bytes(b"\xff\xfe not utf-8 \x80\n" + b"A dog sees a tree.\n" + long_line.encode() + b"\n")
+    summary = pretrain_elmo(
+        elmo_config(raw, max_steps=2, eval_frequency=2, max_chars=1000, heldout_fraction=0.0), tmp_path / "out"
+    )
+    # The bad line is skipped; the long one is cut into chunks, then into sentences of <= 30 tokens.
+    assert summary["step"] == 2 and summary["n_heldout_sentences"] == 0
+    assert summary["n_train_sentences"] >= 2000 // 30
+    vocab = LmVocab.from_file(tmp_path / "out" / "model-best")
+    assert "word" in vocab and "not" not in vocab

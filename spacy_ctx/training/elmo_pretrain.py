@@ -23,6 +23,10 @@ Optimizer: Adam with ``learn_rate`` 0.001 by default, which trains the tiny mode
 in a few hundred steps; ``optimizer = "adagrad"`` gives bilm-tf's choice (Adagrad,
 learning rate 0.2, initial accumulator 1.0) for the large presets.
 
+The table (and ``metrics.jsonl``) reports the training loss (with sampled
+softmax: the sampled loss, lower than the full one), the forward and backward
+held-out perplexity (always the full softmax) and training words/s.
+
 Output (``OUTPUT/model-last`` after every evaluation, ``OUTPUT/model-best`` when
 the held-out perplexity improved): ``options.json`` + ``weights.hdf5`` (the
 bilm-tf/AllenNLP layout that ``ctx_elmo`` and AllenNLP read), ``vocab.txt``,
@@ -55,7 +59,7 @@ from ..encoders.elmo_checkpoint import load_elmo, write_elmo_weights
 from ..encoders.elmo_lm import ElmoLanguageModel
 from ..encoders.elmo_options import ElmoOptions
 from ..errors import CheckpointError, ConfigError
-from ..pieces.chars import BOS_TOKEN, EOS_TOKEN, MAX_WORD_LENGTH, elmo_char_ids
+from ..pieces.chars import BOS_TOKEN, EOS_TOKEN, elmo_char_ids
 from .corpus import is_heldout
 from .lm_vocab import LmVocab, build_vocab
 
@@ -346,11 +350,13 @@ def _read_texts(paths: Sequence[Path], text_key: str, max_chars: int) -> Iterabl
     return raw.texts()
 
 
-def split_sentences(texts: Iterable[str], lang: str, max_length: int) -> Iterator[List[str]]:
+def split_sentences(texts: Iterable[str], lang: str, max_length: int,
+                    max_chars: int = 1_000_000) -> Iterator[List[str]]:
     """Tokenized sentences of ``texts`` (spaCy tokenizer for ``lang`` + sentencizer).
 
     Whitespace tokens are dropped and sentences longer than ``max_length`` tokens are
-    cut into pieces of at most ``max_length``.
+    cut into pieces of at most ``max_length``. Texts may be up to ``max_chars``
+    long (the reader cuts longer ones), even above spaCy's default ``max_length``.
     """
     import spacy
 
@@ -358,6 +364,7 @@ def split_sentences(texts: Iterable[str], lang: str, max_length: int) -> Iterato
         nlp = spacy.blank(lang)
     except Exception:
         raise ConfigError(f"[pretraining] lang = {lang!r} is not a language spaCy knows (e.g. \"en\", \"xx\")") from None
+    nlp.max_length = max(nlp.max_length, max_chars + 1)
     nlp.add_pipe("sentencizer")
     for doc in nlp.pipe(texts, batch_size=64):
         for sent in doc.sents:
@@ -591,9 +598,10 @@ def evaluate_lm(model_dir: PathLike, heldout_path: PathLike, *, gpu_id: int = -1
         raise ConfigError(f"held-out text {str(heldout_path)!r} does not exist")
     lang = info.get("lang", "en")
     max_length = int(info.get("max_sentence_length", 100))
-    texts = _read_texts([heldout_path], info.get("text_key", "text"), int(info.get("max_chars", 1_000_000)))
+    max_chars = int(info.get("max_chars", 1_000_000))
+    texts = _read_texts([heldout_path], info.get("text_key", "text"), max_chars)
     table = WordTable(vocab)
-    sentences = [table.encode(s) for s in split_sentences(texts, lang, max_length) if s]
+    sentences = [table.encode(s) for s in split_sentences(texts, lang, max_length, max_chars) if s]
     if not sentences:
         raise ConfigError(f"{heldout_path}: no sentences (the file has no text)")
     table.freeze()
@@ -683,10 +691,16 @@ def pretrain_elmo(config: Mapping[str, Any], output: PathLike, *, resume: bool =
 
     # -- data ------------------------------------------------------------------
     texts = _read_texts(settings.raw_text, settings.text_key, settings.max_chars)
-    train_words = [s for s in split_sentences(texts, settings.lang, settings.max_sentence_length) if s]
+    train_words = [
+        s for s in split_sentences(texts, settings.lang, settings.max_sentence_length, settings.max_chars) if s
+    ]
     if settings.heldout is not None:
         heldout_texts = _read_texts(settings.heldout, settings.text_key, settings.max_chars)
-        heldout_words = [s for s in split_sentences(heldout_texts, settings.lang, settings.max_sentence_length) if s]
+        heldout_words = [
+            s
+            for s in split_sentences(heldout_texts, settings.lang, settings.max_sentence_length, settings.max_chars)
+            if s
+        ]
     else:
         # Split by a seeded hash of each sentence (corpus.is_heldout): identical
         # sentences land on the same side, so repeated text does not leak.
@@ -799,7 +813,8 @@ def pretrain_elmo(config: Mapping[str, Any], output: PathLike, *, resume: bool =
                  fmt(row["backward_ppl"]), f"{row['words_per_second']:.0f}"])
         save_language_model(model, vocab, options, output / "model-last", {**info_base, **row})
         score, best_score = _mean_ppl(row), None if best is None else _mean_ppl(best)
-        if best is None or (score is not None and (best_score is None or score < best_score)):
+        # Without held-out text there is nothing to compare: model-best follows model-last.
+        if score is None or best_score is None or score < best_score:
             best = dict(row)
             save_language_model(model, vocab, options, output / "model-best", {**info_base, **row})
         loss_sum, loss_steps, words, train_seconds = 0.0, 0, 0, 0.0
