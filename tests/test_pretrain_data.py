@@ -278,6 +278,15 @@ def test_pack_splits_a_unit_longer_than_a_sequence():
         list(pack_sequences([short], 3, [2], [3]))
 
 
+def test_pack_without_specials_gpt2_style():
+    docs = [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34]]
+    sequences = list(pack_sequences(docs, 4, [], [], separator_ids=[99]))
+    # The separator goes between documents inside a sequence, never at its end;
+    # plain id lists make every piece a unit, so a document may continue in the next.
+    assert [s.ids.tolist() for s in sequences] == [[10, 11, 12], [20, 21, 99, 30], [31, 32, 33, 34]]
+    assert [s.word_ids.tolist() for s in sequences] == [[0, 1, 2], [0, 1, -1, 2], [0, 1, 2, 3]]
+
+
 def test_collate_pads(bert_tokenizer):
     sequences = list(pack_sequences(encoded(bert_tokenizer), 24, bert_tokenizer.prefix_ids, bert_tokenizer.suffix_ids))
     batch = collate(sequences[-3:], bert_tokenizer.pad_id, pad_to=30)
@@ -393,6 +402,7 @@ def test_read_txt_jsonl_and_skips(tmp_path):
         b"[1, 2]\n"
         b'{"text": "   "}\n'
         b'{"text": "last good \xc3\xa9"}\n'
+        b'{"text": "cut emoji \\ud83d"}\n'
     )
     raw = read_raw_texts([txt, jsonl])
     items = list(raw)
@@ -406,8 +416,9 @@ def test_read_txt_jsonl_and_skips(tmp_path):
     assert reasons[("b.jsonl", 5)].startswith("text is not a string")
     assert reasons[("b.jsonl", 6)].startswith("not a JSON object")
     assert reasons[("b.jsonl", 7)] == "empty line"
-    assert raw.stats.documents == 4 and raw.stats.skipped == 8
-    assert "4 documents" in raw.stats.summary() and "8 line(s) skipped" in raw.stats.summary()
+    assert reasons[("b.jsonl", 9)].startswith("invalid Unicode (lone surrogate U+D83D")
+    assert raw.stats.documents == 4 and raw.stats.skipped == 9
+    assert "4 documents" in raw.stats.summary() and "9 line(s) skipped" in raw.stats.summary()
     # Re-iterable, same order, and the text key is configurable.
     assert [t.text for t in raw] == [t.text for t in items]
     other = tmp_path / "c.jsonl"
@@ -515,3 +526,20 @@ def test_split_heldout(tmp_path):
     assert len(list(raw_train)) + len(list(raw_heldout)) == 100
     with pytest.raises(ConfigError):
         split_heldout(texts, 1.0)
+    with pytest.raises(ConfigError, match="re-iterable"):
+        split_heldout(iter(texts), 0.1)
+
+
+def test_pieces_without_a_word_are_units_of_their_own():
+    generator = torch.Generator().manual_seed(0)
+    chosen = maskable = 0
+    for index in range(60):
+        batch = synthetic_batch(index)
+        words = torch.where(batch["special_mask"], batch["word_ids"], torch.full_like(batch["word_ids"], -1))
+        for mode in ("word", "span"):
+            _, labels = mask_for_mlm(batch["input_ids"], special_mask=batch["special_mask"], word_ids=words,
+                                     mode=mode, mask_id=MASK_ID, vocab_size=VOCAB, generator=generator)
+            assert not ((labels != IGNORE_INDEX) & batch["special_mask"]).any()
+            chosen += int((labels != IGNORE_INDEX).sum())
+            maskable += int((~batch["special_mask"]).sum())
+    assert abs(chosen / maskable - 0.15) < 0.01

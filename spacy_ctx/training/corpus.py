@@ -13,7 +13,8 @@ Formats, by file suffix (a directory stands for its ``*.jsonl``, ``*.txt`` and
 Lines are read as bytes and decoded one at a time, so a line that is not UTF-8
 costs only that line. Bad lines are skipped and recorded (:class:`Skipped`:
 file, line, reason): not UTF-8, invalid JSON, not a JSON object, a missing or
-non-string text key, an empty or whitespace-only text. A text longer than
+non-string text key, a JSON string with a lone surrogate escape (invalid
+Unicode), an empty or whitespace-only text. A text longer than
 ``max_chars`` characters is cut at whitespace into chunks of at most
 ``max_chars`` (hard cuts where a stretch has no whitespace) and counted in
 :attr:`RawStats.chunked_lines`; nothing is dropped silently.
@@ -206,6 +207,11 @@ class RawTexts:
         if not isinstance(value, str):
             skip(number, f"text is not a string ({self.text_key!r} is {type(value).__name__})")
             return None
+        try:  # JSON escapes can spell lone surrogates ("\ud83d" of a cut emoji)
+            value.encode("utf8")
+        except UnicodeEncodeError as err:
+            skip(number, f"invalid Unicode (lone surrogate U+{ord(value[err.start]):04X} at {err.start})")
+            return None
         return value
 
     @staticmethod
@@ -329,4 +335,6 @@ def split_heldout(texts: Iterable, fraction: float, seed: int = 0) -> Tuple[Text
     """
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"held-out fraction must be in [0, 1); got {fraction}.")
+    if iter(texts) is texts:  # a generator or iterator: the two views would share one pass
+        raise ConfigError("split_heldout needs re-iterable texts (a list or RawTexts), not an iterator.")
     return TextSplit(texts, fraction, seed, False), TextSplit(texts, fraction, seed, True)

@@ -21,7 +21,15 @@ default: ``[SEP]``, ``</s>``) and cut into sequences of at most ``seq_len`` ids
 *including* the prefix and suffix (``[CLS] ... [SEP]``). A sequence ends before a
 unit that does not fit, so a word's pieces stay together; only a unit longer
 than a whole sequence (a huge URL) is split. Every piece of every document
-appears exactly once, in order.
+appears exactly once, in order. :func:`collate` pads a batch into the tensors
+that :func:`spacy_ctx.training.masking.mask_for_mlm` and the model take.
+
+Next-sentence prediction
+------------------------
+:func:`make_nsp_pairs` builds ``[CLS] A [SEP] B [SEP]`` pairs from documents'
+sentences (:func:`encode_documents` with ``sentences=True`` and a spaCy
+``sentencizer``, then :func:`sentence_pieces`), half of them with the real next
+sentences as B.
 """
 
 from __future__ import annotations
