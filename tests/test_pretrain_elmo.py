@@ -405,3 +405,13 @@ def test_hostile_raw_text_is_skipped_or_cut_not_a_crash(tmp_path):
     assert summary["n_train_sentences"] >= 2000 // 30
     vocab = LmVocab.from_file(tmp_path / "out" / "model-best")
     assert "word" in vocab and "not" not in vocab
+
+
+def test_adagrad_as_in_bilm_tf_trains(texts, tmp_path):
+    train, heldout = texts
+    summary = pretrain_elmo(
+        elmo_config(train, heldout, optimizer="adagrad", learn_rate=0.2, max_steps=30, eval_frequency=15), tmp_path
+    )
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [15, 30]
+    assert rows[1]["forward_ppl"] < rows[0]["forward_ppl"] and math.isfinite(summary["last"]["backward_ppl"])
