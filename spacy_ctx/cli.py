@@ -6,10 +6,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from .assets import embedded_model_dir
-from .errors import SpacyCtxError
+from .errors import ConfigError, SpacyCtxError
 
 DEMO_TEXTS = [
     "The bank raised interest rates again this quarter.",
@@ -104,6 +104,76 @@ def info(model_dir: Path, *, as_json: bool = False) -> None:
         print("\n".join(format_description(description)))
 
 
+def parse_overrides(extra: List[str]) -> Dict[str, Any]:
+    """``--section.key value`` (or ``--section.key=value``) pairs as spaCy parses them."""
+    from spacy.cli._util import parse_config_overrides
+
+    for word in extra:
+        if word.startswith("--") and "." not in word.split("=", 1)[0]:
+            raise ConfigError(
+                f"unknown option {word!r}; config overrides look like --section.key value, "
+                "e.g. --pretraining.max_steps 100"
+            )
+    if extra and not extra[0].startswith("--"):
+        raise ConfigError(f"unexpected argument {extra[0]!r}; config overrides look like --section.key value")
+    return parse_config_overrides(list(extra))
+
+
+def pretrain_command(args: argparse.Namespace, extra: List[str]) -> None:
+    """Run a pretraining config (MLM/NSP, causal LM or ELMo) into an output folder."""
+    from .training.pretrain import pretrain
+
+    overrides = parse_overrides(extra)
+    result = pretrain(args.config, args.output, overrides=overrides, gpu_id=args.gpu_id, resume=args.resume)
+    if isinstance(result, dict) and "model_last" in result:
+        best = result.get("best_loss")
+        print(
+            f"done: step {result['step']}; model-last: {result['model_last']}"
+            + (f"; model-best (held-out loss {best:.4f} at step {result['best_step']}): {result['model_best']}"
+               if best is not None else "")
+        )
+
+
+def fill_mask_command(args: argparse.Namespace) -> None:
+    """Print the top-k pieces for each mask token of a text."""
+    from .training.fill_mask import fill_mask, format_fill_mask
+
+    print(format_fill_mask(fill_mask(args.model, args.text, top_k=args.top_k)))
+
+
+def next_sentence_command(args: argparse.Namespace) -> None:
+    """Print the probability that sentence B follows sentence A."""
+    from .training.fill_mask import next_sentence
+
+    probability = next_sentence(args.model, args.first, args.second)
+    print(f"P(B follows A) = {probability:.4f}")
+
+
+def evaluate_lm_command(args: argparse.Namespace) -> None:
+    """Perplexity of a pretrained model folder on held-out raw text."""
+    model_dir = Path(args.model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir} is not a folder; pass a pretraining output such as OUTPUT/model-best")
+    if (model_dir / "config.json").is_file():
+        from .training.pretrain import evaluate_transformer_lm
+
+        scores = evaluate_transformer_lm(model_dir, args.heldout, seq_len=args.seq_len, gpu_id=args.gpu_id)
+        kind = "causal LM" if scores["objective"] == "clm" else "masked LM (15% of pieces, fixed masks)"
+        print(f"{kind} on {args.heldout}: {scores['sequences']} sequences")
+        print(f"  loss        {scores['loss']:.4f}" if scores["loss"] is not None else "  loss        -")
+        if scores["perplexity"] is not None:
+            print(f"  perplexity  {scores['perplexity']:.2f}")
+        if scores["accuracy"] is not None:
+            print(f"  accuracy    {scores['accuracy']:.4f}")
+        return
+    from .training.elmo_pretrain import evaluate_lm
+
+    scores = evaluate_lm(model_dir, args.heldout, gpu_id=args.gpu_id)
+    print(f"ELMo biLM on {args.heldout}: {scores.get('n_tokens')} predictions per direction")
+    print(f"  forward perplexity   {scores['forward_ppl']:.2f}")
+    print(f"  backward perplexity  {scores['backward_ppl']:.2f}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command; returns the exit code (0 ok, 1 a spacy-ctx error, printed on stderr).
 
@@ -139,7 +209,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     info_parser.add_argument("model_dir", type=Path, help="Hugging Face-format checkpoint directory")
     info_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
+    pre = commands.add_parser(
+        "pretrain",
+        help="continue MLM/NSP (or GPT-2 causal-LM) pretraining of a checkpoint, or train an ELMo biLM, "
+        "from a config; overrides as --section.key value",
+    )
+    pre.add_argument("config", type=Path, help="pretraining config, e.g. configs/pretrain_mlm.cfg")
+    pre.add_argument("output", type=Path, help="output folder (model-last, model-best, metrics.jsonl, checkpoint/)")
+    pre.add_argument("--gpu-id", type=int, default=-1, help="CUDA device (default -1: CPU)")
+    pre.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from its checkpoint")
+    fill = commands.add_parser("fill-mask", help="top-k pieces for each mask token of a text")
+    fill.add_argument("model", type=Path, help="checkpoint folder with a masked-LM head")
+    fill.add_argument("text", help="text with the tokenizer's mask token ([MASK], <mask>)")
+    fill.add_argument("--top-k", type=int, default=5)
+    nsp = commands.add_parser("next-sentence", help="probability that B follows A (BERT next-sentence head)")
+    nsp.add_argument("model", type=Path, help="checkpoint folder saved as BertForPreTraining")
+    nsp.add_argument("first", metavar="A")
+    nsp.add_argument("second", metavar="B")
+    evl = commands.add_parser(
+        "evaluate-lm", help="held-out perplexity of a pretrained model (ELMo: forward/backward; transformer: MLM/CLM)"
+    )
+    evl.add_argument("model_dir", type=Path, help="a pretraining output folder such as OUTPUT/model-best")
+    evl.add_argument("heldout", type=Path, help="raw text: .jsonl, .txt or .spacy")
+    evl.add_argument("--seq-len", type=int, default=128, help="transformers: pieces per sequence")
+    evl.add_argument("--gpu-id", type=int, default=-1)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "pretrain":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 1 if argv else 0
@@ -152,7 +248,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             init_config(args)
         elif args.command == "info":
             info(args.model_dir, as_json=args.json)
+        elif args.command == "pretrain":
+            pretrain_command(args, extra)
+        elif args.command == "fill-mask":
+            fill_mask_command(args)
+        elif args.command == "next-sentence":
+            next_sentence_command(args)
+        elif args.command == "evaluate-lm":
+            evaluate_lm_command(args)
     except SpacyCtxError as err:
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        # fill-mask/next-sentence refuse bad input (no mask token, too long) with ValueError.
+        if args.command not in ("fill-mask", "next-sentence"):
+            raise
         print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0
