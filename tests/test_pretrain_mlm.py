@@ -327,3 +327,32 @@ def test_cli_gpu_without_cuda(tmp_path, corpus, bert_dir, capsys):
 
 def test_library_errors_are_spacy_ctx_errors():
     assert issubclass(ResumeError, SpacyCtxError) and issubclass(ConfigError, SpacyCtxError)
+
+
+def test_cli_elmo_objective_and_evaluate_lm(tmp_path, corpus, capsys):
+    # objective = "elmo" is handed to the ELMo trainer; evaluate-lm reads its folder.
+    output = tmp_path / "elmo"
+    args = ["pretrain", str(REPO / "configs" / "pretrain_elmo.cfg"), str(output), "--paths.raw_text",
+            str(corpus["train"]), "--paths.heldout", str(corpus["heldout"]), "--pretraining.preset", "tiny",
+            "--pretraining.max_steps", "4", "--pretraining.eval_frequency", "2", "--pretraining.batch_tokens", "512"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["evaluate-lm", str(output / "model-last"), str(corpus["heldout"])]) == 0
+    printed = capsys.readouterr().out
+    assert "forward perplexity" in printed and "backward perplexity" in printed
+
+
+def test_bad_raw_text(tmp_path, corpus, bert_dir, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf8")
+    overrides = {**_overrides(corpus, bert_dir, max_steps=2, warmup_steps=1), "paths.raw_text": str(empty)}
+    with pytest.raises(ConfigError, match="no document"):
+        pretrain(CONFIG, tmp_path / "out", overrides=overrides, progress=False)
+    # A line that is not UTF-8 is skipped and reported; the run goes on.
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes(corpus["train"].read_bytes() + b"caf\xe9 au lait\n")
+    overrides["paths.raw_text"] = str(mixed)
+    capsys.readouterr()
+    pretrain(CONFIG, tmp_path / "out2", overrides=overrides, progress=False)
+    printed = capsys.readouterr().out
+    assert "1 line(s) skipped" in printed and "UTF-8" in printed

@@ -84,10 +84,17 @@ class PretrainData:
     stats: Dict[str, Any] = field(default_factory=dict)
 
 
-def _texts(paths: Sequence[Path], settings: PretrainSettings) -> List[str]:
+def _texts(paths: Sequence[Path], settings: PretrainSettings, log=None) -> List[str]:
+    """The documents of ``paths``; skipped lines and cut long lines are reported through ``log``."""
     from .corpus import read_raw_texts
 
-    return [item.text for item in read_raw_texts(paths, text_key=settings.text_key, max_chars=settings.max_chars)]
+    raw = read_raw_texts(paths, text_key=settings.text_key, max_chars=settings.max_chars, scan=False)
+    texts = [item.text for item in raw]
+    if log is not None:
+        log(f"{', '.join(str(p) for p in paths)}: {raw.stats.summary()}")
+        for skipped in raw.skipped[:3]:
+            log(f"  skipped {skipped.file}:{skipped.line}: {skipped.reason}")
+    return texts
 
 
 def _nsp_pairs(doc_sentences: List[Any], settings: PretrainSettings, tokenizer: Any, seed: int) -> List[Any]:
@@ -107,8 +114,12 @@ def _fingerprint(sequences: Sequence[Any]) -> str:
     return digest.hexdigest()
 
 
-def prepare_data(settings: PretrainSettings, *, eos_id: Optional[int] = None, log=print) -> PretrainData:
-    """Read, split, encode and pack the raw text (see the module docstring)."""
+def prepare_data(settings: PretrainSettings, *, eos_id: Optional[int] = None, log=None) -> PretrainData:
+    """Read, split, encode and pack the raw text (see the module docstring).
+
+    Everything is held in memory as packed int64 arrays (about 8 bytes per piece).
+    ``log``: a callable for one-line reports (documents read, lines skipped).
+    """
     import spacy
 
     from ..pieces.tokenizer import PieceTokenizer
@@ -117,9 +128,9 @@ def prepare_data(settings: PretrainSettings, *, eos_id: Optional[int] = None, lo
 
     assert settings.encoder is not None
     tokenizer = PieceTokenizer.from_pretrained_dir(settings.encoder)
-    texts = _texts(settings.raw_text, settings)
+    texts = _texts(settings.raw_text, settings, log)
     if settings.heldout:
-        train_texts, heldout_texts = texts, _texts(settings.heldout, settings)
+        train_texts, heldout_texts = texts, _texts(settings.heldout, settings, log)
     elif settings.heldout_fraction > 0:
         train_split, heldout_split = split_heldout(texts, settings.heldout_fraction, settings.seed)
         train_texts, heldout_texts = list(train_split), list(heldout_split)
@@ -486,7 +497,8 @@ def _run(
     if model.causal != causal:
         raise ConfigError(f"objective {settings.objective!r} does not fit {encoder_dir} ({model.family.name})")
     raw_config = getattr(model.config, "raw", None) or {}
-    data = prepare_data(settings, eos_id=raw_config.get("eos_token_id"))
+    data = prepare_data(settings, eos_id=raw_config.get("eos_token_id"),
+                        log=lambda line: print(line, file=stream, flush=True))
     n_rows = word_embedding(model.encoder).shape[0]
     if data.vocab_size > n_rows:
         raise ConfigError(
