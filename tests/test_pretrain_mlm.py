@@ -356,3 +356,17 @@ def test_bad_raw_text(tmp_path, corpus, bert_dir, capsys):
     pretrain(CONFIG, tmp_path / "out2", overrides=overrides, progress=False)
     printed = capsys.readouterr().out
     assert "1 line(s) skipped" in printed and "UTF-8" in printed
+
+
+def test_dropout_settings(tmp_path, corpus, bert_dir):
+    # dropout = 0.0 (every rate set to zero, train mode) trains exactly like
+    # dropout = false (eval mode); the checkpoint's own dropout (true) differs.
+    runs = {}
+    for dropout in (False, 0.0, True):
+        output = tmp_path / f"dropout_{dropout}"
+        pretrain(CONFIG, output, progress=False, overrides=_overrides(
+            corpus, bert_dir, max_steps=3, warmup_steps=1, eval_frequency=3, checkpoint_frequency=3, dropout=dropout))
+        runs[repr(dropout)] = _tensors(output / "model-last")
+    key = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(runs["False"][key], runs["0.0"][key])
+    assert not torch.equal(runs["False"][key], runs["True"][key])

@@ -425,8 +425,11 @@ def _check_model_fits(settings: PretrainSettings) -> None:
 
 
 def _trajectory_settings(settings: PretrainSettings) -> Dict[str, Any]:
+    """The settings a resumed run must share with the checkpoint. Paths are left
+    out (the same files may be named differently); the data fingerprint checks
+    the training sequences instead."""
     data = settings.to_json()
-    for key in RESUMABLE_CHANGES:
+    for key in RESUMABLE_CHANGES + ("raw_text", "heldout", "encoder"):
         data.pop(key, None)
     return data
 
