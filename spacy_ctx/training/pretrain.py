@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -148,6 +148,9 @@ def prepare_data(settings: PretrainSettings, *, eos_id: Optional[int] = None, lo
     def encoded(items: List[str]):
         return encode_documents(items, tokenizer, make_doc, sentences=settings.nsp)
 
+    if settings.objective == "clm" and eos_id is None:
+        eos_id = tokenizer.tokenizer.token_to_id("<|endoftext|>")
+    # GPT-2 has no specials around a sequence; documents are joined with its end-of-text id.
     separator = [eos_id] if (settings.objective == "clm" and eos_id is not None) else None
     data = PretrainData(tokenizer=tokenizer, train=[], heldout=[])
     if settings.nsp:
@@ -410,8 +413,9 @@ def _apply_dropout(model: torch.nn.Module, dropout: Union[bool, float]) -> None:
             module.dropout_p = float(dropout)
 
 
-def _check_model_fits(settings: PretrainSettings) -> None:
-    """seq_len against the checkpoint's positions, from config.json alone (no weights read)."""
+def _check_model_fits(settings: PretrainSettings) -> Dict[str, Any]:
+    """seq_len against the checkpoint's positions, from config.json alone (no weights
+    read); returns the original config.json dict."""
     from ..encoders.checkpoint import read_family_config
 
     assert settings.encoder is not None
@@ -422,6 +426,8 @@ def _check_model_fits(settings: PretrainSettings) -> None:
             f"[pretraining] seq_len = {settings.seq_len} but {settings.encoder} takes at most {limit} "
             f"positions; set --pretraining.seq_len {limit} or less"
         )
+    raw = getattr(config, "raw", None)
+    return dict(raw) if isinstance(raw, dict) else {}
 
 
 def _trajectory_settings(settings: PretrainSettings) -> Dict[str, Any]:
@@ -468,12 +474,12 @@ def pretrain(
         raise ResumeError(
             f"{output} already holds a run ({state_path}); pass --resume to continue it, or choose another OUTPUT"
         )
-    _check_model_fits(settings)
+    raw_config = _check_model_fits(settings)
     device = _device(gpu_id)
     output.mkdir(parents=True, exist_ok=True)
     config.to_disk(output / "config.cfg")
     return _run(settings, output, device=device, resume=resume, stop_at=stop_at, progress=progress,
-                stream=stream or sys.stdout)
+                stream=stream or sys.stdout, raw_config=raw_config)
 
 
 def _run(
@@ -485,6 +491,7 @@ def _run(
     stop_at: Optional[int],
     progress: bool,
     stream,
+    raw_config: Dict[str, Any],
 ) -> Dict[str, Any]:
     from tqdm import tqdm
 
@@ -495,13 +502,13 @@ def _run(
     assert settings.encoder is not None
     encoder_dir = settings.encoder
     causal = settings.objective == "clm"
+    # The data first: a bad raw-text file fails before the weights are read.
+    data = prepare_data(settings, eos_id=raw_config.get("eos_token_id"),
+                        log=lambda line: print(line, file=stream, flush=True))
     torch.manual_seed(settings.seed)  # dropout and anything else drawing from the global generator
     model = load_pretraining_model(encoder_dir, nsp=settings.nsp, seed=settings.seed)
     if model.causal != causal:
         raise ConfigError(f"objective {settings.objective!r} does not fit {encoder_dir} ({model.family.name})")
-    raw_config = getattr(model.config, "raw", None) or {}
-    data = prepare_data(settings, eos_id=raw_config.get("eos_token_id"),
-                        log=lambda line: print(line, file=stream, flush=True))
     n_rows = word_embedding(model.encoder).shape[0]
     if data.vocab_size > n_rows:
         raise ConfigError(
