@@ -208,13 +208,15 @@ def _tensors(folder: Path) -> Dict[str, torch.Tensor]:
 def test_resume_gives_the_uninterrupted_run(tmp_path, corpus, bert_dir):
     # Dropout on, grad accumulation, whole-word masks, epochs wrapping: every
     # piece of state (RNGs, optimizer, schedule, data position) must come back.
-    overrides = _overrides(corpus, bert_dir, max_steps=12, eval_frequency=2, checkpoint_frequency=4,
+    overrides = _overrides(corpus, bert_dir, max_steps=12, eval_frequency=3, checkpoint_frequency=4,
                            batch_size=16, grad_accumulation=2, masking="word")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     pretrain(CONFIG, whole, overrides=overrides, progress=False)
-    # "Killed" at step 6: the checkpoint is from step 4, rows 5-6 are written again.
-    stopped = pretrain(CONFIG, parts, overrides=overrides, progress=False, stop_at=6)
-    assert stopped["step"] == 6 and not stopped["finished"]
+    # "Killed" at step 7: the checkpoint is from step 4, the row of step 6 is written
+    # again, and the row of step 6 averages steps 4-6 across the resumption.
+    stopped = pretrain(CONFIG, parts, overrides=overrides, progress=False, stop_at=7)
+    assert stopped["step"] == 7 and not stopped["finished"]
+    assert [row["step"] for row in read_metrics(parts)] == [0, 3, 6]
     with pytest.raises(ResumeError, match="--resume"):
         pretrain(CONFIG, parts, overrides=overrides, progress=False)
     changed = {**overrides, "pretraining.learn_rate": 0.001}
@@ -230,7 +232,7 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, corpus, bert_dir):
     drop = ("pieces_per_second",)
     rows_a = [{k: v for k, v in row.items() if k not in drop} for row in read_metrics(whole)]
     rows_b = [{k: v for k, v in row.items() if k not in drop} for row in read_metrics(parts)]
-    assert rows_a == rows_b and [row["step"] for row in rows_a] == list(range(0, 13, 2))
+    assert rows_a == rows_b and [row["step"] for row in rows_a] == [0, 3, 6, 9, 12]
     assert rows_a[-1]["epoch"] >= 1  # the data wrapped into a second epoch
 
 

@@ -533,6 +533,10 @@ def _run(
     best_step: Optional[int] = None
     metrics_path = output / METRICS_FILE
     state_path = output / "checkpoint" / STATE_FILE
+    # Running sums since the last table row (checkpointed too, so a row that
+    # spans a resumption averages the same steps).
+    sums: Dict[str, Any] = {"loss": 0.0, "steps": 0, "lm_correct": 0, "lm_n": 0, "nsp_correct": 0, "nsp_n": 0,
+                            "pieces": 0, "seconds": 0.0}
     if resume:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state.get("version") != CHECKPOINT_VERSION:
@@ -560,14 +564,13 @@ def _run(
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
         best, best_step = state["best"], state["best_step"]
+        sums.update(state.get("sums", {}))
         _truncate_metrics(metrics_path, step)
         print(f"resumed from {state_path} at step {step} (epoch {epoch})", file=stream, flush=True)
     elif metrics_path.exists():
         metrics_path.unlink()
     stream_data = DataStream(data, settings, epoch, cursor)
     table = Table(stream)
-    # Running sums since the last table row.
-    sums = {"loss": 0.0, "steps": 0, "lm_correct": 0, "lm_n": 0, "nsp_correct": 0, "nsp_n": 0, "pieces": 0, "seconds": 0.0}
     last_row: Optional[Dict[str, Any]] = None
 
     def report() -> Dict[str, Any]:
@@ -615,6 +618,7 @@ def _run(
                 "best_step": best_step,
                 "settings": settings.to_json(),
                 "fingerprint": data.fingerprint,
+                "sums": dict(sums),
             },
             state_path,
         )
