@@ -372,3 +372,20 @@ def test_dropout_settings(tmp_path, corpus, bert_dir):
     key = "bert.embeddings.word_embeddings.weight"
     assert torch.equal(runs["False"][key], runs["0.0"][key])
     assert not torch.equal(runs["False"][key], runs["True"][key])
+
+
+@pytest.mark.gpu
+def test_pretrain_on_cuda_with_bf16_autocast(tmp_path, corpus, bert_dir):
+    output = tmp_path / "cuda"
+    result = pretrain(CONFIG, output, gpu_id=0, progress=False, overrides=_overrides(
+        corpus, bert_dir, max_steps=100, eval_frequency=50, checkpoint_frequency=50))
+    rows = read_metrics(output)
+    assert result["finished"] and rows[-1]["heldout_loss"] < 0.7 * rows[0]["heldout_loss"]
+    _hf_parity(output / "model-best", transformers.AutoModelForMaskedLM, "bert")  # saved as fp32 on the CPU
+    # Resuming on the GPU continues from the checkpoint (CUDA RNG state included).
+    stopped = tmp_path / "stopped"
+    pretrain(CONFIG, stopped, gpu_id=0, progress=False, stop_at=50, overrides=_overrides(
+        corpus, bert_dir, max_steps=100, eval_frequency=50, checkpoint_frequency=50))
+    resumed = pretrain(CONFIG, stopped, gpu_id=0, progress=False, resume=True, overrides=_overrides(
+        corpus, bert_dir, max_steps=100, eval_frequency=50, checkpoint_frequency=50))
+    assert resumed["finished"] and resumed["step"] == 100
