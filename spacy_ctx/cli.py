@@ -213,6 +213,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "pretrain",
         help="continue MLM/NSP (or GPT-2 causal-LM) pretraining of a checkpoint, or train an ELMo biLM, "
         "from a config; overrides as --section.key value",
+        epilog="config overrides follow the positional arguments, as in spaCy: --paths.raw_text FILE "
+        "--paths.encoder MODEL_DIR --pretraining.max_steps 1000 (any [section] key of the config)",
     )
     pre.add_argument("config", type=Path, help="pretraining config, e.g. configs/pretrain_mlm.cfg")
     pre.add_argument("output", type=Path, help="output folder (model-last, model-best, metrics.jsonl, checkpoint/)")
