@@ -109,3 +109,47 @@ def test_registered_rows(name):
     system = systems.SYSTEMS[name]
     assert callable(system.setup) and system.description
     assert system.uses_hf_model is (not name.startswith("ctx_elmo"))
+
+
+def test_pretrain_benchmark_smoke(tmp_path):
+    """benchmarks/pretrain.py on a tiny random BERT MLM: both MLM loops and ELMo tiny run
+    and the JSON holds the medians, the ratio and the command line."""
+    pytest.importorskip("transformers")
+    import importlib.util
+    import json
+
+    import torch
+
+    from .tiny_models import write_tiny_model
+
+    model_dir = write_tiny_model("bert", tmp_path / "bert", head="mlm")
+    spec = importlib.util.spec_from_file_location("bench_pretrain", BENCHMARKS / "pretrain.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "pretrain.json"
+    argv = ["--model", str(model_dir), "--seq-len", "32", "--batch-size", "2", "--steps", "2",
+            "--repeats", "1", "--n-docs", "2", "--elmo-steps", "1", "--elmo-batch-tokens", "128",
+            "--threads", "1", "--out", str(out)]
+    threads = torch.get_num_threads()
+    try:
+        bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text(encoding="utf8"))
+    assert result["benchmark"] == "pretrain" and result["argv"] == argv
+    assert result["command"].startswith("python ") and result["command"].endswith(str(out))
+    assert result["settings"]["seq_len"] == 32 and result["settings"]["torch_threads"] == 1
+    systems_ = result["mlm"]["systems"]
+    assert set(systems_) == {"ours", "hf"}
+    for row in systems_.values():
+        assert row["status"] == "ok" and row["pieces_per_s"] > 0 and len(row["repeats"]) == 1
+        # Same batches for both systems: the same pieces per repeat.
+        assert row["repeats"][0]["pieces"] == result["mlm"]["data"]["pieces_per_repeat"]
+        assert len(row["repeats"][0]["step_seconds"]) == 2
+    assert "BertForMaskedLM" in systems_["hf"]["description"]
+    assert result["mlm"]["ratio_ours_over_hf"] == pytest.approx(
+        systems_["ours"]["pieces_per_s"] / systems_["hf"]["pieces_per_s"])
+    assert result["mlm"]["order"] == ["ours", "hf"]
+    (elmo,) = result["elmo"]
+    assert elmo["preset"] == "tiny" and elmo["words_per_s"] > 0 and elmo["words"] > 0
+    assert "cpu_count" in result["machine"]
