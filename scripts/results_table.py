@@ -3,8 +3,11 @@
 
 Inputs (all under ``metrics/``): ``eval_NAME.json`` written by ``scripts/evaluate.py``
 (test-set scores, words/s) and ``train_NAME.json`` written by ``scripts/workflow.sh train``
-(training time, steps, dev score). Only records made with the current
-``corpus/settings.json`` are used, so a table never mixes runs of different settings.
+(training time, steps, dev score); from the ``pretrain`` workflow also
+``pretrain_{mlm,elmo,elmo_random}.json`` written by ``scripts/pretrain_steps.py``
+(pretraining time, held-out perplexity) and ``plots.json`` written by ``scripts/plots.py``
+(the PNG plots to link). Only records made with the current ``corpus/settings.json`` are
+used, so a table never mixes runs of different settings.
 
     python scripts/results_table.py [--metrics metrics] [--settings corpus/settings.json]
 """
@@ -16,9 +19,15 @@ import json
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-VARIANT_ORDER = ["ner_bert", "ner_bert_frozen", "ner_elmo",
-                 "textcat_bert", "textcat_bert_frozen", "textcat_elmo"]
+VARIANT_ORDER = ["ner_bert", "ner_bert_frozen", "ner_bert_mlm", "ner_elmo", "ner_elmo_here", "ner_elmo_random",
+                 "textcat_bert", "textcat_bert_frozen", "textcat_bert_mlm", "textcat_elmo", "textcat_elmo_here",
+                 "textcat_elmo_random"]
 TASK_TITLES = {"ner": "NER", "textcat": "textcat"}
+#: The pretrain workflow's encoders: (pretrain record, variant suffix, row title), in table order.
+PRETRAINED = [("mlm", "bert_mlm", "MiniLM + in-domain MLM"),
+              ("elmo", "elmo_here", "ELMo trained here"),
+              ("elmo_random", "elmo_random", "ELMo, random weights")]
+PRETRAINED_TITLES = {suffix: title for _, suffix, title in PRETRAINED}
 
 
 def _pct(value: Optional[float]) -> str:
@@ -35,9 +44,14 @@ def _order(name: str) -> tuple:
     return (VARIANT_ORDER.index(name), name) if name in VARIANT_ORDER else (len(VARIANT_ORDER), name)
 
 
+def _suffix(name: str) -> str:
+    return name.split("_", 1)[1] if "_" in name else name
+
+
 def encoder_label(record: dict) -> str:
     encoder = record.get("encoder", "bert")
     kind = "ELMo" if encoder == "elmo" else "MiniLM"
+    kind = PRETRAINED_TITLES.get(_suffix(record.get("name", "")), kind)
     if encoder == "elmo" or record.get("frozen"):
         return f"{kind} frozen, scalar mix"
     return f"{kind} fine-tuned, last layer"
@@ -61,9 +75,80 @@ def load_records(metrics_dir: Path, settings: Optional[dict] = None) -> Dict[str
     return dict(sorted(records.items(), key=lambda item: _order(item[0])))
 
 
+def load_pretrain_records(metrics_dir: Path, settings: Optional[dict] = None) -> Dict[str, dict]:
+    """``{"mlm"|"elmo"|"elmo_random": record}`` of ``pretrain_*.json`` made with ``settings``."""
+    out: Dict[str, dict] = {}
+    for kind, _, _ in PRETRAINED:
+        path = metrics_dir / f"pretrain_{kind}.json"
+        if path.exists():
+            record = json.loads(path.read_text(encoding="utf8"))
+            if settings is None or record.get("settings") == settings:
+                out[kind] = record
+    return out
+
+
+def load_plots(metrics_dir: Path, settings: Optional[dict] = None) -> List[dict]:
+    """The plots listed in ``plots.json`` (made with ``settings``) whose PNG files exist."""
+    path = metrics_dir / "plots.json"
+    if not path.exists():
+        return []
+    index = json.loads(path.read_text(encoding="utf8"))
+    if settings is not None and index.get("settings") != settings:
+        return []
+    return [p for p in index.get("plots", []) if (metrics_dir / p["file"]).exists()]
+
+
+def heldout_text(record: Optional[dict]) -> str:
+    """Held-out score of a pretraining record as a short phrase."""
+    held = (record or {}).get("heldout") or {}
+    if held.get("forward_ppl") is not None:
+        return f"perplexity fwd {held['forward_ppl']:,.1f} / bwd {held['backward_ppl']:,.1f}"
+    if held.get("loss") is not None:
+        start = held.get("loss_at_step_0")
+        ppl = held.get("perplexity")
+        text = "MLM loss " + (f"{start:.2f} → " if start is not None else "") + f"{held['loss']:.2f}"
+        return text + (f" (pseudo-perplexity {ppl:,.1f})" if ppl is not None else "")
+    return "– (no LM)" if record else "–"
+
+
+def pretrained_section(records: Dict[str, dict], pretrain: Dict[str, dict]) -> List[str]:
+    """One row per pretrained encoder (and the embedded MiniLM baseline): both tasks' scores."""
+    lines = ["## Pretrained here (pretrain workflow)", "",
+             "Pretraining text: the train splits only (WNUT-16 train tweets + BBC train articles); "
+             "held-out scores are on a held-out slice of that text, never dev or test. Train time is "
+             "the `spacy train` run; pretraining time is extra (the random control costs nothing).", "",
+             "| encoder | pretraining (s) | held-out | NER F | textcat macro F | train time NER / textcat (s) "
+             "| words/s NER / textcat |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    rows = [("bert", "MiniLM (embedded, no in-domain pretraining)", None)]
+    rows += [(suffix, title, pretrain.get(kind)) for kind, suffix, title in PRETRAINED]
+    for suffix, title, record in rows:
+        ner, cat = records.get(f"ner_{suffix}"), records.get(f"textcat_{suffix}")
+        if record is None and ner is None and cat is None:
+            continue
+
+        def field(rec, which):
+            if rec is None:
+                return "–"
+            if which == "score":
+                key = "ents_f" if rec["eval"]["task"] == "ner" else "cats_macro_f"
+                return _pct(rec["eval"]["scores"].get(key))
+            if which == "time":
+                return _num((rec.get("train") or {}).get("train_seconds"), 1)
+            return _num(rec["eval"].get("words_per_second"))
+
+        lines.append("| {} | {} | {} | {} | {} | {} / {} | {} / {} |".format(
+            title, _num((record or {}).get("pretrain_seconds"), 1) if record else "–",
+            heldout_text(record) if record else "–", field(ner, "score"), field(cat, "score"),
+            field(ner, "time"), field(cat, "time"), field(ner, "wps"), field(cat, "wps")))
+    lines.append("")
+    return lines
+
+
 def build_table(records: Dict[str, dict], settings: Optional[dict] = None,
-                stats: Optional[dict] = None) -> str:
-    """The results as markdown: summary, NER per type, textcat per class."""
+                stats: Optional[dict] = None, pretrain: Optional[Dict[str, dict]] = None,
+                plots: Optional[List[dict]] = None) -> str:
+    """The results as markdown: summary, pretrained encoders, NER per type, textcat per class, plots."""
     settings = settings or {}
     lines: List[str] = []
     title = "# Results"
@@ -113,6 +198,8 @@ def build_table(records: Dict[str, dict], settings: Optional[dict] = None,
             ("F " if task == "ner" else "macro F ") + _pct(ev["scores"].get(main)),
             _num(ev.get("words_per_second"))))
     lines.append("")
+    if pretrain:
+        lines += pretrained_section(records, pretrain)
 
     ner = {n: r["eval"] for n, r in records.items() if r["eval"]["task"] == "ner"}
     if ner:
@@ -151,6 +238,10 @@ def build_table(records: Dict[str, dict], settings: Optional[dict] = None,
         lines.append("")
     if not records:
         lines += ["(no evaluated variants for these settings yet)", ""]
+    if plots:
+        lines += ["## Plots", ""]
+        for plot in plots:
+            lines += [f"* [{plot['title']}]({plot['file']})", "", f"![{plot['title']}]({plot['file']})", ""]
     return "\n".join(lines)
 
 
@@ -159,7 +250,8 @@ def write_results(metrics_dir: Path, settings_path: Optional[Path] = None,
     settings = json.loads(settings_path.read_text(encoding="utf8")) if settings_path and settings_path.exists() else None
     stats = json.loads(stats_path.read_text(encoding="utf8")) if stats_path and stats_path.exists() else None
     records = load_records(metrics_dir, settings)
-    table = build_table(records, settings, stats)
+    pretrain = load_pretrain_records(metrics_dir, settings)
+    table = build_table(records, settings, stats, pretrain, load_plots(metrics_dir, settings))
     output = output or metrics_dir / "results.md"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(table, encoding="utf8")
@@ -169,8 +261,11 @@ def write_results(metrics_dir: Path, settings_path: Optional[Path] = None,
                       "train_seconds": (r.get("train") or {}).get("train_seconds"),
                       "dev_score": (r.get("train") or {}).get("dev_score")}
                for name, r in records.items()}
-    (output.parent / "results.json").write_text(
-        json.dumps({"settings": settings, "variants": summary}, indent=2) + "\n", encoding="utf8")
+    result = {"settings": settings, "variants": summary}
+    if pretrain:
+        result["pretraining"] = {kind: {"pretrain_seconds": r.get("pretrain_seconds"), "heldout": r.get("heldout"),
+                                        "steps": r.get("steps")} for kind, r in pretrain.items()}
+    (output.parent / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf8")
     return table
 
 

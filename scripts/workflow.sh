@@ -6,10 +6,12 @@
 #   bash scripts/workflow.sh --vars.setting full    # any extra arguments go to `weasel run all`
 #   WORKFLOW=all-elmo bash scripts/workflow.sh --vars.elmo_options O.json --vars.elmo_weights W.hdf5
 #
-#   bash scripts/workflow.sh train NAME CONFIG TASK [--gpu-id N] [--elmo OPTIONS WEIGHTS]
+#   bash scripts/workflow.sh train NAME CONFIG TASK [--gpu-id N] [--elmo OPTIONS WEIGHTS] [--encoder DIR]
 #       one timed `python -m spacy train` run (what project.yml's train-* commands call):
 #       reads corpus/settings.json (written by scripts/preprocess.py) for the steps, seed and
 #       encoder directory, trains into training/NAME and writes metrics/train_NAME.json.
+#       --encoder DIR: the transformer checkpoint to use instead of settings.json's encoder
+#       (the pretrain workflow passes its MLM-adapted MiniLM).
 #
 # Python: $PYTHON if set, else ./.venv/bin/python, else the active virtualenv, else python3.
 set -euo pipefail
@@ -32,14 +34,15 @@ export PATH="$(dirname "$PY"):$PATH"
 die() { echo "workflow.sh: $*" >&2; exit 1; }
 
 train() {
-    [ $# -ge 3 ] || die "usage: workflow.sh train NAME CONFIG TASK [--gpu-id N] [--elmo OPTIONS WEIGHTS]"
+    [ $# -ge 3 ] || die "usage: workflow.sh train NAME CONFIG TASK [--gpu-id N] [--elmo OPTIONS WEIGHTS] [--encoder DIR]"
     local name="$1" config="$2" task="$3"
     shift 3
-    local gpu_id=-1 elmo_options="" elmo_weights="" is_elmo=0
+    local gpu_id=-1 elmo_options="" elmo_weights="" is_elmo=0 encoder_arg=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --gpu-id) gpu_id="$2"; shift 2 ;;
             --elmo) is_elmo=1; elmo_options="${2:-}"; elmo_weights="${3:-}"; shift 3 || shift $# ;;
+            --encoder) encoder_arg="${2:-}"; shift 2 || shift $# ;;
             *) die "unknown option $1" ;;
         esac
     done
@@ -83,6 +86,10 @@ EOF
     [ "$freq" -gt 0 ] && overrides+=(--training.eval_frequency "$freq")
     [ "$batch_words" -gt 0 ] && overrides+=(--training.batcher.size "$batch_words")
     if [ "$is_elmo" = 0 ]; then
+        if [ -n "$encoder_arg" ]; then
+            [ -f "$encoder_arg/config.json" ] || die "--encoder $encoder_arg: no config.json there (a Hugging Face-format checkpoint folder)"
+            encoder="$encoder_arg"
+        fi
         [ -n "$encoder" ] || encoder="$("$PY" -m spacy_ctx model-path)"
         paths+=(--paths.encoder "$encoder")
     fi
