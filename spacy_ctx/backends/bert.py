@@ -4,6 +4,7 @@ batched encoding. Pieces align to spaCy tokens by the rule of
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -13,7 +14,14 @@ import torch
 from ..encoders.checkpoint import load_encoder, save_encoder
 from ..encoders.family import TransformerEncoder, family_for
 from ..errors import CheckpointError, ConfigError
-from .batching import batch_stats, pack_by_length
+from .batching import (
+    OOM_ERRORS,
+    batch_stats,
+    free_device_memory,
+    halved_budget,
+    host_to_device,
+    pack_by_length,
+)
 from .windows import OVERLAP_MODES, WindowPlan, plan_windows
 from ..pieces.alignment import identity_or_none
 from ..pieces.tokenizer import PieceTokenizer
@@ -78,6 +86,9 @@ class TransformerBackend(Backend):
             )
         self.window, self.stride, self.overlap = window, stride, overlap
         self.causal = self.spec.causal
+        # The batch budget after a device out-of-memory (None: never lowered); it
+        # caps max_batch_tokens in later calls. Not a setting: it is not saved.
+        self.lowered_budget: Optional[int] = None
 
     @property
     def layer_names(self) -> List[str]:
@@ -139,6 +150,28 @@ class TransformerBackend(Backend):
         return stats
 
     # -- encoding -----------------------------------------------------------------
+    def batch_budget(self, max_batch_tokens: int) -> int:
+        """The padded positions per batch actually used: ``max_batch_tokens``, or less
+        after the device ran out of memory (see :meth:`encode_docs`)."""
+        if self.lowered_budget is None:
+            return max_batch_tokens
+        return min(max_batch_tokens, self.lowered_budget)
+
+    def _keep_indices(self, keep_layers: Optional[Sequence[int]]) -> List[int]:
+        """``keep_layers`` as non-negative layer indices (``-1`` is the last layer)."""
+        n = self.encoder.n_layers
+        if keep_layers is None:
+            return list(range(n))
+        keep = []
+        for k in keep_layers:
+            if not -n <= int(k) < n:
+                raise ConfigError(
+                    f"layer index {k} is out of range for '{self.name}', which has {n} "
+                    f"layers ({', '.join(self.layer_names)})."
+                )
+            keep.append(int(k) % n)
+        return keep
+
     def encode_docs(
         self,
         docs: Sequence,
@@ -148,8 +181,20 @@ class TransformerBackend(Backend):
     ) -> List[CtxOutput]:
         """Encode Docs: pieces of each text, windows in piece space, length-sorted
         batches under ``max_batch_tokens`` padded positions, windows stitched back
-        per Doc. Every piece is encoded, also those aligned to no token."""
-        keep = list(range(self.encoder.n_layers)) if keep_layers is None else list(keep_layers)
+        per Doc. Every piece is encoded, also those aligned to no token.
+
+        Only the layers up to the highest one in ``keep_layers`` are computed.
+
+        Out of device memory: if a batch raises ``torch.OutOfMemoryError`` (CUDA's
+        out-of-memory), the allocator's cache is emptied, the batch budget halved
+        (never below the failing batch's longest window) and the failed and
+        remaining windows re-packed and encoded; the lower budget is kept for
+        later calls (:attr:`lowered_budget`) and one warning per call names it. No
+        window is lost or counted twice: a window is added to its Doc only after its
+        batch succeeded. A single window that does not fit re-raises.
+        """
+        keep = self._keep_indices(keep_layers)
+        n_layers = max(keep) + 1 if keep else 1
         encoded, plans = self._plan(docs)
         # Each Doc's output is allocated once, and every window is added into it as
         # soon as its batch is done, so no padded batch outlives its loop iteration
@@ -168,24 +213,58 @@ class TransformerBackend(Backend):
         ]
         n_prefix = len(self.pieces.prefix_ids)
         lengths = [end - start + self.pieces.n_specials for _, start, end, _ in windows]
-        for batch in pack_by_length(lengths, max_batch_tokens):
-            pieces = [encoded[d][0][start:end] for d, start, end, _ in (windows[i] for i in batch)]
-            hidden = self._encode_batch(pieces)
-            for row, index in enumerate(batch):
-                d, start, end, weights = windows[index]
-                # Drop the specials: the window's pieces follow the prefix.
-                rows = [hidden[k][row, n_prefix : n_prefix + end - start] for k in keep]
-                self._add_window(outputs[d], rows, start, weights)
-            del hidden  # free the batch before the next one is encoded
+        budget = initial = self.batch_budget(max_batch_tokens)
+        todo = list(range(len(windows)))  # windows not encoded yet
+        while todo:
+            batches = [
+                [todo[j] for j in batch]
+                for batch in pack_by_length([lengths[i] for i in todo], budget)
+            ]
+            todo = []
+            for n, batch in enumerate(batches):
+                pieces = [encoded[d][0][start:end] for d, start, end, _ in (windows[i] for i in batch)]
+                try:
+                    hidden = self._encode_batch(pieces, n_layers)
+                except OOM_ERRORS as err:
+                    longest = max(lengths[i] for i in batch)
+                    if len(batch) == 1:
+                        raise type(err)(
+                            f"{self.name}: out of device memory on a single window of "
+                            f"{longest} positions (batch budget {budget}). Use a smaller "
+                            "'window' setting, mixed_precision = \"bf16\", or a device "
+                            f"with more free memory. The device said: {err}"
+                        ) from err
+                    # Retry this batch and the rest in smaller batches (after the
+                    # except block, so the traceback's tensors can be freed).
+                    budget = self.lowered_budget = halved_budget(budget, longest)
+                    todo = [i for rest in batches[n:] for i in rest]
+                    break
+                for row, index in enumerate(batch):
+                    d, start, end, weights = windows[index]
+                    # Drop the specials: the window's pieces follow the prefix.
+                    rows = [hidden[k][row, n_prefix : n_prefix + end - start] for k in keep]
+                    self._add_window(outputs[d], rows, start, weights)
+                del hidden  # free the batch before the next one is encoded
+            if todo:
+                free_device_memory()
+        if budget < initial:
+            warnings.warn(
+                f"{self.name}: the device ran out of memory; batches were split and the "
+                f"batch budget lowered from {initial} to {budget} padded positions for "
+                f"this encoder from now on. Set max_batch_tokens = {budget} (or lower) to "
+                "avoid the retries.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return [
             CtxOutput(out, counts, identity_or_none(index, len(ids)))
             for out, (ids, counts, index) in zip(outputs, encoded)
         ]
 
-    def _encode_batch(self, windows: List[np.ndarray]) -> List[torch.Tensor]:
+    def _encode_batch(self, windows: List[np.ndarray], n_layers: Optional[int] = None) -> List[torch.Tensor]:
         """Run the encoder on piece sequences framed by the tokenizer's specials
-        (prefix ids, pieces, suffix ids) and right-padded to one batch; returns every
-        layer, (batch, longest, width) each."""
+        (prefix ids, pieces, suffix ids) and right-padded to one batch; returns the
+        first ``n_layers`` layers (None: all), (batch, longest, width) each."""
         prefix, suffix = self.pieces.prefix_ids, self.pieces.suffix_ids
         n_prefix, n_specials = len(prefix), len(prefix) + len(suffix)
         longest = max(len(ids) for ids in windows) + n_specials
@@ -199,10 +278,11 @@ class TransformerBackend(Backend):
             input_ids[row, end : end + len(suffix)] = suffix
             mask[row, : len(ids) + n_specials] = True
         device = self.device
-        ids_t = torch.from_numpy(input_ids).to(device, non_blocking=True)
-        mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
+        # Pinned host memory and non-blocking copies on CUDA (see host_to_device).
+        ids_t = host_to_device(input_ids, device)
+        mask_t = host_to_device(mask, device)
         with self.autocast():
-            return self.encoder(ids_t, mask_t)
+            return self.encoder(ids_t, mask_t, n_layers=n_layers)
 
     @staticmethod
     def _add_window(

@@ -324,13 +324,17 @@ class BertEncoder(TransformerEncoder):
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         token_type_ids: Optional[torch.Tensor] = None,
+        *,
+        n_layers: Optional[int] = None,
     ) -> List[torch.Tensor]:
         """Encode a padded batch.
 
         input_ids: (batch, length) piece ids. attention_mask: (batch, length),
         true/1 for real pieces, false/0 for padding. Returns ``n_layers`` tensors of
-        shape (batch, length, hidden): the embedding output, then each layer.
+        shape (batch, length, hidden): the embedding output, then each layer
+        (None: all; layers above are not computed).
         """
+        n_blocks = self.blocks_to_run(n_layers)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
         if input_ids.shape[1] > self.max_length:
@@ -341,7 +345,7 @@ class BertEncoder(TransformerEncoder):
         hidden = self.embeddings(input_ids, self.position_ids(input_ids), token_type_ids)
         mask = key_padding_mask(attention_mask)
         outputs = [hidden]
-        for layer in self.layers:
+        for layer in self.layers[:n_blocks]:
             hidden = layer(hidden, mask)
             outputs.append(hidden)
         return outputs

@@ -551,13 +551,17 @@ class DebertaV2Encoder(TransformerEncoder):
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         token_type_ids: Optional[torch.Tensor] = None,
+        *,
+        n_layers: Optional[int] = None,
     ) -> List[torch.Tensor]:
         """Encode a padded batch.
 
         input_ids: (batch, length) piece ids; attention_mask: (batch, length), 1 for
         real pieces, 0 for padding. Returns ``n_layers`` tensors (batch, length,
-        hidden): the embedding output, then each layer.
+        hidden): the embedding output, then each layer (None: all; layers above
+        are not computed).
         """
+        n_blocks = self.blocks_to_run(n_layers)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
         length = input_ids.shape[1]
@@ -574,7 +578,7 @@ class DebertaV2Encoder(TransformerEncoder):
         # One additive bias for padding, to which each layer adds its relative terms.
         mask = mask_to_bias(key_padding_mask(attention_mask), hidden.dtype)
         outputs = [hidden]
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:n_blocks]):
             out = layer(outputs[-1], mask, relative=relative)
             if i == 0 and self.conv is not None:
                 out = self.conv(hidden, out, keep)

@@ -47,12 +47,39 @@ class TransformerEncoder(nn.Module):
     def width(self) -> int:
         return self.config.hidden_size
 
+    def blocks_to_run(self, n_layers: Optional[int]) -> int:
+        """How many transformer blocks :meth:`forward` runs to return its first
+        ``n_layers`` outputs (None: all of them).
+
+        Output ``k`` (0 = embeddings) depends only on blocks ``1..k``, so stopping
+        after block ``n_layers - 1`` leaves the computed outputs unchanged; a model
+        with a final norm (GPT-2, ModernBERT) applies it to the last block's output
+        only, i.e. only when every block runs (Hugging Face's hidden states are
+        the same: only the last entry is after the final norm).
+        """
+        n_blocks = self.config.num_hidden_layers
+        if n_layers is None:
+            return n_blocks
+        valid = isinstance(n_layers, int) and not isinstance(n_layers, bool)
+        if not valid or not 1 <= n_layers <= n_blocks + 1:
+            raise ValueError(
+                f"n_layers={n_layers!r} must be between 1 (embeddings only) and "
+                f"{n_blocks + 1} (every layer) for this model."
+            )
+        return n_layers - 1
+
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        n_layers: Optional[int] = None,
     ) -> List[torch.Tensor]:
         """input_ids, attention_mask: (batch, length), mask 1/True for real pieces and
         0/False for padding (always on the right). Returns ``n_layers`` tensors of
-        shape (batch, length, width)."""
+        shape (batch, length, width): the embedding output and the first
+        ``n_layers - 1`` layers (None: all ``self.n_layers``); layers above the
+        highest returned one are not computed (see :meth:`blocks_to_run`)."""
         raise NotImplementedError
 
 

@@ -255,10 +255,18 @@ class Gpt2Encoder(TransformerEncoder):
         self.final_norm = layer_norm(width, config.layer_norm_epsilon)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        n_layers: Optional[int] = None,
     ) -> List[torch.Tensor]:
         """input_ids, attention_mask: (batch, length), padding on the right. Returns
-        ``n_layers`` tensors (batch, length, width); see the class docstring."""
+        ``n_layers`` tensors (batch, length, width) (None: all); see the class
+        docstring. With fewer than all, the blocks above are not run and the last
+        returned entry is a block's raw output, exactly the same tensor as in the
+        full run (the final norm ``ln_f`` belongs to the last block's entry only)."""
+        n_blocks = self.blocks_to_run(n_layers)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
         length = input_ids.shape[1]
@@ -276,10 +284,11 @@ class Gpt2Encoder(TransformerEncoder):
         # with at least one real piece, so nothing else changes.
         mask[..., 0] = True  # causal_mask returns a new tensor
         outputs = [hidden]
-        for layer in self.layers:
+        for layer in self.layers[:n_blocks]:
             hidden = layer(hidden, mask)
             outputs.append(hidden)
-        outputs[-1] = self.final_norm(hidden)
+        if n_blocks == self.config.num_hidden_layers:
+            outputs[-1] = self.final_norm(hidden)
         return outputs
 
 

@@ -331,12 +331,19 @@ class ModernBertEncoder(TransformerEncoder):
         self.final_norm = layer_norm(config.hidden_size, config.norm_eps, config.norm_bias)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        n_layers: Optional[int] = None,
     ) -> List[torch.Tensor]:
         """Encode a padded batch: input_ids and attention_mask (batch, length), mask
         1 for real pieces, 0 for padding. Returns ``n_layers`` tensors (batch,
         length, hidden): the embedding output, each layer, the last one after the
-        final norm."""
+        final norm. With ``n_layers`` below ``self.n_layers`` the layers above are
+        not computed and no output is after the final norm (as in Hugging Face's
+        hidden states, where only the model's last layer is normed)."""
+        n_blocks = self.blocks_to_run(n_layers)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
         config = self.config
@@ -366,10 +373,11 @@ class ModernBertEncoder(TransformerEncoder):
             for kind in kinds
         }
         outputs = [hidden]
-        for kind, layer in zip(config.layer_types, self.layers):
+        for kind, layer in zip(config.layer_types[:n_blocks], self.layers[:n_blocks]):
             hidden = layer(hidden, masks[kind], rotary=rotary[kind])
             outputs.append(hidden)
-        outputs[-1] = self.final_norm(hidden)
+        if n_blocks == config.num_hidden_layers:
+            outputs[-1] = self.final_norm(hidden)
         return outputs
 
 
