@@ -51,7 +51,8 @@ def _suffix(name: str) -> str:
 def encoder_label(record: dict) -> str:
     encoder = record.get("encoder", "bert")
     kind = "ELMo" if encoder == "elmo" else "MiniLM"
-    kind = PRETRAINED_TITLES.get(_suffix(record.get("name", "")), kind)
+    if _suffix(record.get("name", "")) in PRETRAINED_TITLES:
+        kind = PRETRAINED_TITLES[_suffix(record["name"])] + ","
     if encoder == "elmo" or record.get("frozen"):
         return f"{kind} frozen, scalar mix"
     return f"{kind} fine-tuned, last layer"

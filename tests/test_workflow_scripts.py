@@ -472,8 +472,9 @@ def test_results_table_pretrained_rows_and_plot_links(tmp_path):
     settings_path = tmp_path / "settings.json"
     settings_path.write_text(json.dumps(SETTINGS))
     table = results_table.write_results(metrics, settings_path)
-    assert "| ner_bert_mlm | NER | MiniLM + in-domain MLM fine-tuned, last layer | 40 | 30.0 | F 50.0 | F 50.0 | 900 |" in table
-    assert "| textcat_elmo_here | textcat | ELMo trained here frozen, scalar mix |" in table
+    assert "| ner_bert_mlm | NER | MiniLM + in-domain MLM, fine-tuned, last layer | 40 | 30.0 | F 50.0 | F 50.0 | 900 |" in table
+    assert "| textcat_elmo_here | textcat | ELMo trained here, frozen, scalar mix |" in table
+    assert "| textcat_elmo_random | textcat | ELMo, random weights, frozen, scalar mix |" in table
     assert "## Pretrained here" in table
     assert ("| MiniLM + in-domain MLM | 120.5 | MLM loss 10.50 → 3.25 (pseudo-perplexity 25.8) | 50.0 | – "
             "| 30.0 / – | 900 / – |") in table
