@@ -19,6 +19,7 @@ _LAZY = {
     "SpacyCtxError": "spacy_ctx.errors",
     "StaleCtxError": "spacy_ctx.errors",
     "AssetNotFoundError": "spacy_ctx.errors",
+    "read_shards": "spacy_ctx.annotate.shards",
 }
 
 # Old public names that still work, with a warning.
