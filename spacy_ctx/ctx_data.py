@@ -6,20 +6,47 @@ entry points while spaCy itself is being imported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 VECTOR_MODES = ("last", "mean")
+STORE_DTYPES = ("float32", "float16", "int8")
 _MSGPACK_KEY = "__spacy_ctx_data__"
+_INT8_MAX = 127
+_UNSET: Any = object()
 
 
-@dataclass
+def quantize_rows(layers: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Symmetric absmax int8 quantization of every row (last axis) of ``layers``.
+
+    Returns ``(values, scales)``: int8 values in ``[-127, 127]`` shaped like ``layers``
+    and one float32 scale per row (``absmax / 127``, shape ``layers.shape[:-1]``), so
+    that ``values * scales[..., None]`` is within half a step (``scale / 2``) of each
+    value. An all-zero row gets scale 0 and stays exactly zero.
+    """
+    x = np.asarray(layers, dtype=np.float32)
+    scales = (np.abs(x).max(axis=-1) if x.shape[-1] else np.zeros(x.shape[:-1])).astype(np.float32)
+    scales /= np.float32(_INT8_MAX)
+    scaled = np.zeros_like(x)
+    np.divide(x, scales[..., None], out=scaled, where=scales[..., None] > 0)
+    values = np.clip(np.rint(scaled), -_INT8_MAX, _INT8_MAX).astype(np.int8)
+    return values, scales
+
+
+def dequantize_rows(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float32 rows of :func:`quantize_rows`' output."""
+    return values.astype(np.float32) * np.asarray(scales, dtype=np.float32)[..., None]
+
+
 class CtxData:
     """Token-aligned contextual layers of one Doc.
 
-    layers: (n_stored_layers, len(doc), width), float32 or float16.
+    layers: (n_stored_layers, len(doc), width) float32 or float16 array; or, with
+        ``scales``, the int8 values of :func:`quantize_rows` (``store_dtype = "int8"``).
+        The :attr:`layers` attribute is always a float array: int8 payloads are
+        dequantized to float32 on first access and cached (4 bytes per value in memory
+        for as long as the object lives; :attr:`vectors` alone does not need it).
     layer_names: names of the stored layers, e.g. ``["layer_6"]``.
     model_name: the encoder the vectors came from.
     piece_counts: pieces (or characters-tokens) each spaCy token was encoded as;
@@ -31,35 +58,62 @@ class CtxData:
         retokenization (:meth:`realign`). ``None`` in payloads written before spans existed.
     text_hash: optional CRC-32 of the Doc's UTF-8 text the rows were computed for;
         retokenization keeps the text, so a different hash means a different Doc.
+    scales: (n_stored_layers, len(doc)) float32 per-row scales of int8 ``layers``;
+        ``None`` for float payloads.
     """
 
-    layers: np.ndarray
-    layer_names: List[str]
-    model_name: str
-    piece_counts: np.ndarray
-    vector_mode: str = "last"
-    token_spans: Optional[np.ndarray] = field(default=None, repr=False)
-    text_hash: Optional[int] = None
-    _vectors: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.layers.ndim != 3:
-            raise ValueError(f"CtxData.layers must be 3-d, got shape {self.layers.shape}")
-        if len(self.layer_names) != self.layers.shape[0]:
+    def __init__(
+        self,
+        layers: np.ndarray,
+        layer_names: List[str],
+        model_name: str,
+        piece_counts: np.ndarray,
+        vector_mode: str = "last",
+        token_spans: Optional[np.ndarray] = None,
+        text_hash: Optional[int] = None,
+        scales: Optional[np.ndarray] = None,
+    ) -> None:
+        stored = np.asarray(layers)
+        if stored.ndim != 3:
+            raise ValueError(f"CtxData.layers must be 3-d, got shape {stored.shape}")
+        if scales is None:
+            if stored.dtype.kind != "f":
+                raise ValueError(
+                    f"CtxData.layers must be float32 or float16, got {stored.dtype} "
+                    "(int8 values need their scales: CtxData.from_float(..., dtype='int8'))"
+                )
+        else:
+            if stored.dtype != np.int8:
+                raise ValueError(f"CtxData.layers with scales must be int8, got {stored.dtype}")
+            scales = np.asarray(scales, dtype=np.float32)
+            if scales.shape != stored.shape[:2]:
+                raise ValueError(
+                    f"CtxData.scales must have shape {stored.shape[:2]} (layers, rows), "
+                    f"got {scales.shape}"
+                )
+        self._stored = stored
+        self.scales: Optional[np.ndarray] = scales
+        self.layer_names = list(layer_names)
+        self.model_name = model_name
+        self.piece_counts = np.asarray(piece_counts)
+        self.vector_mode = vector_mode
+        self.token_spans = token_spans
+        self.text_hash = text_hash
+        self._layers: Optional[np.ndarray] = None  # dequantized int8 layers, cached
+        self._vectors: Optional[np.ndarray] = None
+        if len(self.layer_names) != stored.shape[0]:
+            raise ValueError(f"{len(self.layer_names)} layer names for {stored.shape[0]} layers")
+        if len(self.piece_counts) != stored.shape[1]:
             raise ValueError(
-                f"{len(self.layer_names)} layer names for {self.layers.shape[0]} layers"
-            )
-        if len(self.piece_counts) != self.layers.shape[1]:
-            raise ValueError(
-                f"{len(self.piece_counts)} piece counts for {self.layers.shape[1]} tokens"
+                f"{len(self.piece_counts)} piece counts for {stored.shape[1]} tokens"
             )
         if self.vector_mode not in VECTOR_MODES:
             raise ValueError(f"vector_mode must be one of {VECTOR_MODES}")
         if self.token_spans is not None:
             spans = np.asarray(self.token_spans)
-            if spans.shape != (self.layers.shape[1], 2):
+            if spans.shape != (stored.shape[1], 2):
                 raise ValueError(
-                    f"CtxData.token_spans must have shape ({self.layers.shape[1]}, 2), "
+                    f"CtxData.token_spans must have shape ({stored.shape[1]}, 2), "
                     f"got {spans.shape}"
                 )
             if spans.size and not np.issubdtype(spans.dtype, np.integer):
@@ -70,21 +124,67 @@ class CtxData:
         if self.text_hash is not None:
             self.text_hash = int(self.text_hash)
 
+    @classmethod
+    def from_float(
+        cls, layers: np.ndarray, *args: Any, dtype: str = "float32", **kwargs: Any
+    ) -> "CtxData":
+        """A CtxData storing float ``layers`` as ``dtype`` (one of :data:`STORE_DTYPES`);
+        the other arguments are those of the constructor."""
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"store dtype must be one of {STORE_DTYPES}, got {dtype!r}")
+        if dtype == "int8":
+            values, scales = quantize_rows(layers)
+            return cls(values, *args, scales=scales, **kwargs)
+        return cls(np.asarray(layers).astype(dtype, copy=False), *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"CtxData(layers={self._stored.shape} {self.store_dtype}, "
+            f"layer_names={self.layer_names!r}, model_name={self.model_name!r}, "
+            f"vector_mode={self.vector_mode!r})"
+        )
+
+    @property
+    def layers(self) -> np.ndarray:
+        """(n_stored_layers, n_rows, width) float array: as stored for float32/float16,
+        dequantized to float32 (once, then cached) for int8."""
+        if self.scales is None:
+            return self._stored
+        if self._layers is None:
+            self._layers = dequantize_rows(self._stored, self.scales)
+        return self._layers
+
+    @property
+    def stored(self) -> np.ndarray:
+        """The array as stored and serialized (int8 values for ``store_dtype = "int8"``)."""
+        return self._stored
+
+    @property
+    def store_dtype(self) -> str:
+        """``"float32"``, ``"float16"`` or ``"int8"``."""
+        return "int8" if self.scales is not None else self._stored.dtype.name
+
     @property
     def n_rows(self) -> int:
         """Number of token rows (``len(doc)`` of the tokenization they belong to)."""
-        return int(self.layers.shape[1])
+        return int(self._stored.shape[1])
 
     @property
     def width(self) -> int:
-        return int(self.layers.shape[2])
+        return int(self._stored.shape[2])
+
+    def _layer(self, index: int) -> np.ndarray:
+        """One stored layer as float32 (int8: without dequantizing the others)."""
+        if self.scales is None or self._layers is not None:
+            return self.layers[index].astype(np.float32)
+        return dequantize_rows(self._stored[index], self.scales[index])
 
     @property
     def vectors(self) -> np.ndarray:
         """(len(doc), width) float32 token vectors, per :attr:`vector_mode`."""
         if self._vectors is None:
-            if self.vector_mode == "last" or self.layers.shape[0] == 1:
-                vectors = self.layers[-1].astype(np.float32)
+            if self.vector_mode == "last" or self._stored.shape[0] == 1:
+                vectors = self._layer(-1)
             else:
                 vectors = self.layers.astype(np.float32).mean(axis=0)
             self._vectors = vectors
@@ -103,8 +203,25 @@ class CtxData:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the stored arrays (as serialized; not the int8 dequantization cache)."""
         spans = 0 if self.token_spans is None else self.token_spans.nbytes
-        return int(self.layers.nbytes + self.piece_counts.nbytes + spans)
+        scales = 0 if self.scales is None else self.scales.nbytes
+        return int(self._stored.nbytes + scales + self.piece_counts.nbytes + spans)
+
+    def replace(
+        self, *, token_spans: Any = _UNSET, text_hash: Any = _UNSET
+    ) -> "CtxData":
+        """A new CtxData sharing the arrays, with other ``token_spans``/``text_hash``."""
+        return CtxData(
+            self._stored,
+            self.layer_names,
+            self.model_name,
+            self.piece_counts,
+            vector_mode=self.vector_mode,
+            token_spans=self.token_spans if token_spans is _UNSET else token_spans,
+            text_hash=self.text_hash if text_hash is _UNSET else text_hash,
+            scales=self.scales,
+        )
 
     def realign(self, token_spans: np.ndarray) -> "CtxData":
         """The rows re-aligned to new tokens given by their character spans.
@@ -114,11 +231,12 @@ class CtxData:
         overlap its own:
 
         - exactly one (an unchanged token, or one part of a split token): that row,
-          copied exactly, and its piece count (every part of a split token gets the
-          full count of the token it came from, so ``has_vector`` stays as it was);
+          copied exactly (int8: values and scale), and its piece count (every part of a
+          split token gets the full count of the token it came from, so ``has_vector``
+          stays as it was);
         - several (a merged token): per layer, the mean of those rows that have
           pieces (an all-zero row if none has), in float32 then cast to the stored
-          dtype; its piece count is their sum;
+          dtype (int8: quantized again with its own scale); its piece count is their sum;
         - none (only possible for an empty token between stored ones): a zero row
           and 0 pieces.
 
@@ -131,17 +249,21 @@ class CtxData:
         if len(old) > 1 and (old[1:, 0] < old[:-1, 1]).any():
             raise ValueError("CtxData.token_spans must be in order and must not overlap")
         new = np.asarray(token_spans, dtype=np.int64).reshape(-1, 2)
-        n_layers, _, width = self.layers.shape
+        stored = self._stored
+        n_layers, _, width = stored.shape
         # Stored rows overlapping [s, e): old_end > s and old_start < e. Old spans are
         # sorted and disjoint, so both ends are non-decreasing and this is a range.
         lo = np.searchsorted(old[:, 1], new[:, 0], side="right")
         hi = np.maximum(np.searchsorted(old[:, 0], new[:, 1], side="left"), lo)
         counts = hi - lo
-        layers = np.zeros((n_layers, len(new), width), dtype=self.layers.dtype)
+        layers = np.zeros((n_layers, len(new), width), dtype=stored.dtype)
+        scales = None if self.scales is None else np.zeros((n_layers, len(new)), np.float32)
         piece_counts = np.zeros((len(new),), dtype=np.int32)
 
         one = np.flatnonzero(counts == 1)
-        layers[:, one] = self.layers[:, lo[one]]
+        layers[:, one] = stored[:, lo[one]]
+        if scales is not None:
+            scales[:, one] = self.scales[:, lo[one]]
         piece_counts[one] = self.piece_counts[lo[one]]
 
         many = np.flatnonzero(counts > 1)
@@ -151,32 +273,41 @@ class CtxData:
             rows = np.repeat(lo[many] - offsets, sizes) + np.arange(int(sizes.sum()))
             row_pieces = self.piece_counts[rows].astype(np.int64)
             keep = (row_pieces > 0).astype(np.float32)
-            sums = np.add.reduceat(
-                self.layers[:, rows].astype(np.float32) * keep[None, :, None], offsets, axis=1
-            )
+            if scales is None:
+                values = stored[:, rows].astype(np.float32)
+            else:
+                values = dequantize_rows(stored[:, rows], self.scales[:, rows])
+            sums = np.add.reduceat(values * keep[None, :, None], offsets, axis=1)
             n_keep = np.add.reduceat(keep, offsets)
             means = sums / np.maximum(n_keep, 1.0)[None, :, None]
-            layers[:, many] = means.astype(self.layers.dtype)
+            if scales is None:
+                layers[:, many] = means.astype(stored.dtype)
+            else:
+                layers[:, many], scales[:, many] = quantize_rows(means)
             piece_counts[many] = np.add.reduceat(row_pieces, offsets)
 
         return CtxData(
-            layers=layers,
-            layer_names=list(self.layer_names),
-            model_name=self.model_name,
-            piece_counts=piece_counts,
+            layers,
+            list(self.layer_names),
+            self.model_name,
+            piece_counts,
             vector_mode=self.vector_mode,
             token_spans=new,
             text_hash=self.text_hash,
+            scales=scales,
         )
 
     def to_dict(self) -> Dict[str, Any]:
+        """The payload as msgpack-able values (numpy arrays as stored)."""
         data = {
-            "layers": self.layers,
+            "layers": self._stored,
             "layer_names": list(self.layer_names),
             "model_name": self.model_name,
             "piece_counts": self.piece_counts,
             "vector_mode": self.vector_mode,
         }
+        if self.scales is not None:
+            data["scales"] = self.scales
         if self.token_spans is not None:
             data["token_spans"] = self.token_spans
         if self.text_hash is not None:
@@ -189,14 +320,16 @@ class CtxData:
         versions) load with ``token_spans=None``."""
         spans = data.get("token_spans")
         text_hash = data.get("text_hash")
+        scales = data.get("scales")
         return cls(
-            layers=np.asarray(data["layers"]),
-            layer_names=list(data["layer_names"]),
-            model_name=str(data["model_name"]),
-            piece_counts=np.asarray(data["piece_counts"], dtype=np.int32),
+            np.asarray(data["layers"]),
+            list(data["layer_names"]),
+            str(data["model_name"]),
+            np.asarray(data["piece_counts"], dtype=np.int32),
             vector_mode=str(data.get("vector_mode", "last")),
             token_spans=None if spans is None else np.asarray(spans, dtype=np.int64).reshape(-1, 2),
             text_hash=None if text_hash is None else int(text_hash),
+            scales=None if scales is None else np.asarray(scales, dtype=np.float32),
         )
 
 

@@ -16,12 +16,14 @@ gets the mean of the rows it covers, each part of a split token the row it came
 from) and the result is stored back on the Doc, so it is computed once per
 change. Token getters check only their own token (O(1)); span getters their
 span's tokens; Doc-level getters compare all spans at once (``doc.to_array``).
+
+int8 payloads (``store_dtype = "int8"``) are dequantized by :class:`CtxData` on read,
+so every getter and hook here sees float32 rows.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import replace
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -153,9 +155,9 @@ def _set_doc_ctx(doc: Doc, value: Optional[CtxData]) -> None:
                 raise ValueError(
                     f"CtxData has {value.n_rows} token rows but the Doc has {len(doc)} tokens"
                 )
-            value = replace(value, token_spans=_doc_spans(doc), text_hash=_text_hash(doc))
+            value = value.replace(token_spans=_doc_spans(doc), text_hash=_text_hash(doc))
         elif value.text_hash is None:
-            value = replace(value, text_hash=_text_hash(doc))
+            value = value.replace(text_hash=_text_hash(doc))
         elif value.text_hash != _text_hash(doc):
             raise ValueError("CtxData was computed for a different text than this Doc's")
     doc.user_data[_USER_DATA_KEY] = value

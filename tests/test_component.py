@@ -850,7 +850,7 @@ def test_corrupt_weights_file(src: Family, damage: str) -> None:
     "component,needles",
     [
         ({"store": "bogus"}, ["store", "bogus"]),
-        ({"store_dtype": "int8"}, ["store_dtype", "int8"]),
+        ({"store_dtype": "int4"}, ["store_dtype", "int4"]),
         ({"max_batch_tokens": 0}, ["max_batch_tokens"]),
         ({"store": "none", "vector_hooks": True}, ["vector_hooks", "store"]),
         ({"model": {"device": "not-a-device"}}, ["not-a-device"]),

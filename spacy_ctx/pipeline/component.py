@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 
 import numpy as np
 import srsly
+import torch
 from spacy.language import Language
 from spacy.pipeline import TrainablePipe
 from spacy.tokens import Doc
@@ -19,6 +20,7 @@ from thinc.api import Model, Optimizer
 from spacy.training import validate_examples
 
 from ..backends import Backend, CtxOutput, load_backend
+from ..ctx_data import STORE_DTYPES
 from ..doc_data import CtxData, install_vector_hooks
 from ..errors import ConfigError
 from ..thinc_layers.backend_layer import (
@@ -35,7 +37,6 @@ from . import allocator
 from .feature_cache import FeatureCache, doc_key
 
 STORE_MODES = ("none", "last", "all")
-STORE_DTYPES = ("float32", "float16")
 ENCODER_DIR = "encoder"
 
 
@@ -59,6 +60,7 @@ class CtxComponent(TrainablePipe):
         frozen: bool = False,
         store: str = "last",
         store_dtype: str = "float32",
+        store_layers: Optional[Sequence[Union[int, str]]] = None,
         vector_hooks: bool = True,
         max_batch_tokens: int = 4096,
         vector_mode: str = "last",
@@ -71,6 +73,7 @@ class CtxComponent(TrainablePipe):
             raise ConfigError(
                 f"[components.{name}] store_dtype must be one of {STORE_DTYPES}, got {store_dtype!r}"
             )
+        store_layers = _check_store_layers(name, store, store_layers)
         if int(max_batch_tokens) < 1:
             raise ConfigError(f"[components.{name}] max_batch_tokens must be positive")
         if vector_hooks and store == "none":
@@ -88,6 +91,7 @@ class CtxComponent(TrainablePipe):
             "frozen": bool(frozen),
             "store": store,
             "store_dtype": store_dtype,
+            "store_layers": store_layers,
             "vector_hooks": bool(vector_hooks),
             "max_batch_tokens": int(max_batch_tokens),
             "vector_mode": vector_mode,
@@ -96,6 +100,7 @@ class CtxComponent(TrainablePipe):
         self.optimizer = optimizer
         self.feature_cache = FeatureCache(feature_cache_mb)
         self._pending_backprop: Optional[Callable] = None
+        self._stored_indices: Optional[List[int]] = None  # resolved once the model is loaded
         self._set_replace_listener_hooks()
 
     # -- listeners -------------------------------------------------------------------------
@@ -170,17 +175,38 @@ class CtxComponent(TrainablePipe):
         """Width of every encoder layer (loads the weights if needed)."""
         return self.backend.width
 
+    @property
+    def stored_layers(self) -> List[int]:
+        """Indices (in model order) of the layers stored on ``doc._.ctx``.
+
+        ``store_layers`` when set, else what ``store`` says. Resolved against the
+        encoder's layer names once it is loaded; a bad entry is a ConfigError
+        naming the setting and the available layers.
+        """
+        if self._stored_indices is None:
+            names = self.layer_names
+            if self.cfg["store"] == "none":
+                indices: List[int] = []
+            elif self.cfg["store_layers"] is not None:
+                indices = _resolve_store_layers(self.name, self.cfg["store_layers"], names)
+            elif self.cfg["store"] == "all":
+                indices = list(range(len(names)))
+            else:
+                indices = [len(names) - 1]
+            self._stored_indices = indices
+        return self._stored_indices
+
     def _keep_layers(self, *, for_store: bool, for_listeners: bool) -> Optional[List[int]]:
-        """Layer indices to compute (None = all), given who consumes them."""
-        last = [len(self.layer_names) - 1]
-        needs_all = (for_store and self.cfg["store"] == "all") or (
-            for_listeners
-            and any(l.attrs["layers_needed"] == LAYERS_ALL for l in self.listeners)
-        )
-        if needs_all:
+        """Layer indices to compute, ascending (None = all), given who consumes them."""
+        n_layers = len(self.layer_names)
+        if for_listeners and any(l.attrs["layers_needed"] == LAYERS_ALL for l in self.listeners):
             return None
-        needed = (for_store and self.cfg["store"] == "last") or (for_listeners and self.listeners)
-        return last if needed else []
+        keep = set(self.stored_layers) if for_store else set()
+        if for_listeners and self.listeners:
+            keep.add(n_layers - 1)  # last-layer listeners read outputs[i].layers[-1]
+        if len(keep) == n_layers:
+            return None
+        return sorted(keep)
 
     def _tracks_grads(self) -> bool:
         return not self.cfg["frozen"] and any(l.attrs["grad_factor"] != 0 for l in self.listeners)
@@ -226,20 +252,36 @@ class CtxComponent(TrainablePipe):
         return outputs
 
     def set_annotations(self, docs: Sequence[Doc], outputs: List[Optional[CtxOutput]]) -> None:
-        if self.cfg["store"] == "none":
+        """Store the selected layers, pooled to tokens, on ``doc._.ctx`` (as ``store_dtype``)."""
+        stored = self.stored_layers
+        if not stored:
             return
         names = self.layer_names
-        stored_names = names if self.cfg["store"] == "all" else names[-1:]
-        dtype = np.dtype(self.cfg["store_dtype"])
+        stored_names = [names[i] for i in stored]
         model_name = self.backend.name
+        # predict() computed _keep_layers(...) in ascending order (None: every layer).
+        keep = self._keep_layers(for_store=True, for_listeners=True)
+        computed = list(range(len(names))) if keep is None else keep
         for doc, output in zip(docs, outputs):
-            layers = output.layers if self.cfg["store"] == "all" else output.layers[-1:]
+            if output.layers.shape[0] == len(names):
+                positions = stored
+            elif output.layers.shape[0] == len(computed):
+                positions = [computed.index(i) for i in stored]
+            else:
+                raise ValueError(
+                    f"{self.name}: an output with {output.layers.shape[0]} layers cannot hold "
+                    f"the stored layers {stored_names} (expected {len(computed)} or {len(names)})"
+                )
+            layers = output.layers
+            if positions != list(range(layers.shape[0])):
+                layers = layers[torch.as_tensor(positions, device=layers.device)]
             pooled = output.with_layers(layers).pool("mean")
-            doc._.ctx = CtxData(
-                layers=pooled.float().cpu().numpy().astype(dtype, copy=False),
-                layer_names=list(stored_names),
-                model_name=model_name,
-                piece_counts=np.asarray(output.piece_counts, dtype=np.int32),
+            doc._.ctx = CtxData.from_float(
+                pooled.float().cpu().numpy(),
+                stored_names,
+                model_name,
+                np.asarray(output.piece_counts, dtype=np.int32),
+                dtype=self.cfg["store_dtype"],
                 vector_mode=self.cfg["vector_mode"],
             )
             if self.cfg["vector_hooks"]:
@@ -252,8 +294,11 @@ class CtxComponent(TrainablePipe):
         *,
         nlp: Optional[Language] = None,
     ) -> None:
-        """Load the encoder weights named in the config (no-op if already loaded)."""
+        """Load the encoder weights named in the config (no-op if already loaded) and
+        check ``store_layers`` against its layer names."""
         self.model.initialize()
+        self._stored_indices = None
+        self.stored_layers  # noqa: B018 -- a bad store_layers fails here, not mid-pipe
         for listener in self.listeners:
             listener.set_dim("nO", self.width, force=True)
 
@@ -355,6 +400,7 @@ class CtxComponent(TrainablePipe):
         path = ensure_path(path)
         set_backend(self.model, load_backend(path / ENCODER_DIR))
         self.feature_cache.clear()
+        self._stored_indices = None
         return self
 
     def to_bytes(self, *, exclude: Iterable[str] = tuple()) -> bytes:
@@ -364,9 +410,65 @@ class CtxComponent(TrainablePipe):
         data = srsly.msgpack_loads(bytes_data)
         set_backend(self.model, backend_from_bytes(data["encoder"]))
         self.feature_cache.clear()
+        self._stored_indices = None
         return self
 
     @property
     def is_loaded(self) -> bool:
         """Whether the encoder weights are in memory."""
         return get_backend(self.model) is not None
+
+
+def _check_store_layers(
+    name: str, store: str, store_layers: Optional[Sequence[Union[int, str]]]
+) -> Optional[List[Union[int, str]]]:
+    """Type check of ``store_layers`` (the names are checked once the model is loaded)."""
+    if store_layers is None:
+        return None
+    setting = f"[components.{name}] store_layers"
+    if isinstance(store_layers, (str, bytes)) or not isinstance(store_layers, Sequence):
+        raise ConfigError(
+            f"{setting} must be a list of layer indices or names, e.g. [-1] or "
+            f'["layer_4", "layer_6"], got {store_layers!r}'
+        )
+    if not store_layers:
+        raise ConfigError(f"{setting} is empty; use store = \"none\" to store nothing")
+    for entry in store_layers:
+        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+            raise ConfigError(
+                f"{setting} entries must be layer indices (int, negative counts from the "
+                f"last) or layer names (str), got {entry!r}"
+            )
+    if store == "none":
+        raise ConfigError(
+            f"{setting} = {list(store_layers)!r} conflicts with store = \"none\"; set store "
+            "to \"last\" or \"all\" (store_layers overrides its choice) or drop store_layers"
+        )
+    return list(store_layers)
+
+
+def _resolve_store_layers(
+    name: str, store_layers: Sequence[Union[int, str]], names: List[str]
+) -> List[int]:
+    """Layer indices, ascending, for ``store_layers`` entries (indices or names)."""
+    setting = f"[components.{name}] store_layers"
+    available = f"the encoder has {len(names)} layers: {', '.join(names)}"
+    indices: Dict[int, Union[int, str]] = {}
+    for entry in store_layers:
+        if isinstance(entry, str):
+            if entry not in names:
+                raise ConfigError(f"{setting}: no layer named {entry!r}; {available}")
+            index = names.index(entry)
+        else:
+            if not -len(names) <= entry < len(names):
+                raise ConfigError(
+                    f"{setting}: layer index {entry} is out of range "
+                    f"({-len(names)}..{len(names) - 1}); {available}"
+                )
+            index = entry % len(names)
+        if index in indices:
+            raise ConfigError(
+                f"{setting} names layer {names[index]!r} twice ({indices[index]!r} and {entry!r})"
+            )
+        indices[index] = entry
+    return sorted(indices)

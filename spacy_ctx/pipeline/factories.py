@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Union
 
 from spacy.language import Language
 from thinc.api import Model, Optimizer
@@ -27,6 +27,7 @@ DEFAULT_BERT_MODEL = {
         "frozen": False,
         "store": "last",
         "store_dtype": "float32",
+        "store_layers": None,
         "vector_hooks": True,
         "max_batch_tokens": 4096,
         "feature_cache_mb": 1024,
@@ -40,6 +41,7 @@ def make_ctx_bert(
     frozen: bool,
     store: str,
     store_dtype: str,
+    store_layers: Optional[List[Union[int, str]]],
     vector_hooks: bool,
     max_batch_tokens: int,
     feature_cache_mb: float,
@@ -53,7 +55,10 @@ def make_ctx_bert(
     model: a ``spacy_ctx.BertEncoder.v1`` block (checkpoint ``name``, windowing,
         device, mixed precision). frozen: no gradients into the encoder.
     store: ``"none"``, ``"last"`` or ``"all"`` layers kept on the Doc.
-    store_dtype: ``"float32"`` or ``"float16"`` for the stored arrays.
+    store_dtype: ``"float32"``, ``"float16"`` or ``"int8"`` (each token row quantized
+        with its own scale, dequantized to float32 on read) for the stored arrays.
+    store_layers: layer indices (negative count from the last) or names, e.g.
+        ``[-1]`` or ``["layer_4", "layer_6"]``, stored instead of ``store``'s choice.
     vector_hooks: make ``.vector``/``.similarity()`` use the contextual vectors.
     max_batch_tokens: padded pieces per encoder batch at inference.
     feature_cache_mb: memory for per-Doc outputs reused across epochs when the
@@ -84,6 +89,7 @@ DEFAULT_ELMO_MODEL = {
         "frozen": True,
         "store": "all",
         "store_dtype": "float32",
+        "store_layers": None,
         "vector_hooks": True,
         "max_batch_tokens": 4096,
         "feature_cache_mb": 1024,
@@ -97,6 +103,7 @@ def make_ctx_elmo(
     frozen: bool,
     store: str,
     store_dtype: str,
+    store_layers: Optional[List[Union[int, str]]],
     vector_hooks: bool,
     max_batch_tokens: int,
     feature_cache_mb: float,
