@@ -174,6 +174,38 @@ def evaluate_lm_command(args: argparse.Namespace) -> None:
     print(f"  backward perplexity  {scores['backward_ppl']:.2f}")
 
 
+def annotate_command(args: argparse.Namespace) -> None:
+    """Annotate a corpus into DocBin shards (local engine or Ray), resumably."""
+    from .annotate.local import annotate_corpus
+
+    summary = annotate_corpus(
+        args.model,
+        args.inputs,
+        args.output,
+        engine=args.engine,
+        n_process=args.n_process,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        address=args.address,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        store=args.store,
+        store_dtype=args.store_dtype,
+        gpu_id=args.gpu_id,
+        lang=args.lang,
+        text_key=args.text_key,
+        id_key=args.id_key,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{summary['documents']} documents in {summary['shards']} shard(s) in {summary['output']} "
+        f"({summary['shards_written']} written now, {summary['shards_skipped']} already done); "
+        f"{summary['skipped_inputs']} input line(s) skipped (listed in manifest.json); "
+        f"{summary['docs_per_s']:.1f} docs/s, {summary['words_per_s']:.0f} words/s"
+    )
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command; returns the exit code (0 ok, 1 a spacy-ctx error, printed on stderr).
 
@@ -235,6 +267,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     evl.add_argument("heldout", type=Path, help="raw text: .jsonl, .txt or .spacy")
     evl.add_argument("--seq-len", type=int, default=128, help="transformers: pieces per sequence")
     evl.add_argument("--gpu-id", type=int, default=-1)
+    ann = commands.add_parser(
+        "annotate",
+        help="annotate a corpus (JSONL/.txt/Parquet) into DocBin shards with contextual vectors; resumable",
+        description="Annotate MODEL over INPUTS into OUTPUT/shard-NNNNN.spacy + manifest.json. Rerun the "
+        "same command to resume after a crash; read with spacy_ctx.read_shards(OUTPUT).",
+    )
+    ann.add_argument("model", help="spaCy pipeline dir or package, or a transformer/ELMo checkpoint dir")
+    ann.add_argument("inputs", nargs="+", help="input files, folders or globs (.jsonl, .txt, .parquet)")
+    ann.add_argument("output", type=Path, help="output folder for the shards and manifest.json")
+    ann.add_argument("--engine", choices=["local", "ray"], default="local")
+    ann.add_argument("--workers", type=int, default=1, help="ray: actors (default 1)")
+    ann.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per actor (default 0)")
+    ann.add_argument("--address", default=None, help="ray: cluster address ('auto'); default: a local Ray")
+    ann.add_argument("--n-process", type=int, default=1, help="local: forked CPU processes (default 1)")
+    ann.add_argument("--batch-size", type=int, default=64, help="documents per pipeline batch (default 64)")
+    ann.add_argument("--shard-size", type=int, default=1000, help="documents per shard (default 1000)")
+    ann.add_argument("--store", choices=["none", "last", "all"], default=None,
+                     help="ctx layers kept on the Docs (default: the pipeline's setting)")
+    ann.add_argument("--store-dtype", choices=["float32", "float16"], default=None,
+                     help="dtype of the stored layers (default: the pipeline's setting)")
+    ann.add_argument("--gpu-id", type=int, default=None, help="CUDA device for the encoder (-1: CPU)")
+    ann.add_argument("--lang", default=None, help="language of the blank pipeline for a checkpoint dir")
+    ann.add_argument("--text-key", default="text", help="JSONL key / Parquet column of the text")
+    ann.add_argument("--id-key", default=None, help="JSONL key / Parquet column of an id (doc.user_data['id'])")
+    ann.add_argument("--overwrite", action="store_true", help="replace OUTPUT's shards made with other settings")
+    ann.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "pretrain":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -258,6 +316,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             next_sentence_command(args)
         elif args.command == "evaluate-lm":
             evaluate_lm_command(args)
+        elif args.command == "annotate":
+            annotate_command(args)
     except SpacyCtxError as err:
         print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
         return 1

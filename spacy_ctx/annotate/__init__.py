@@ -1,8 +1,12 @@
 """``annotate``: large corpora into DocBin shards with contextual vectors, resumable.
 
-Engines: :func:`spacy_ctx.annotate.local.annotate_local` (one process or
-``nlp.pipe(n_process=N)`` on CPU) and ``spacy_ctx.annotate.ray_engine.annotate_ray``
-(Ray Data, an actor pool of :class:`~spacy_ctx.annotate.worker.Annotator`).
+Entry point: :func:`spacy_ctx.annotate.local.annotate_corpus` (what the CLI
+calls) with ``engine="local"`` (one process or ``nlp.pipe(n_process=N)`` on CPU;
+also ``annotate_local``) or ``engine="ray"``, which hands the records and the
+shard writer to ``spacy_ctx.annotate.ray_engine.annotate_ray(model, records,
+writer, workers=..., gpus_per_worker=..., batch_size=..., address=...,
+overrides=..., done_shards=..., progress=...)`` (Ray Data, an actor pool of
+:class:`~spacy_ctx.annotate.worker.Annotator`).
 Both read inputs, write shards and keep the manifest with the same pieces:
 
 ``inputs`` (:mod:`spacy_ctx.annotate.inputs`)
@@ -20,7 +24,7 @@ Both read inputs, write shards and keep the manifest with the same pieces:
     Doc as ``DocBin(store_user_data=True)`` bytes. ``records_to_batch(records)``
     builds such a batch; ``annotator.annotate(records, n_process=1, batch_size=64)``
     yields ``(index, bytes, n_words)``; ``annotator.describe()`` is the manifest's
-    ``pipeline`` entry. ``resolve_model(model) -> ModelSource`` (``.identity``).
+    ``pipeline`` entry (``describe_source(source)`` without loading). ``resolve_model(model) -> ModelSource`` (``.identity``).
 ``shards`` (:mod:`spacy_ctx.annotate.shards`)
     ``make_settings(source.identity, files, overrides=..., text_key=..., id_key=...,
     shard_size=...)``; ``load_or_create_manifest(out_dir, settings, overwrite)
@@ -44,14 +48,14 @@ load/create the manifest (before loading the model), load the Annotator, set
 
 from typing import Any
 
-__all__ = ["annotate_local", "read_shards"]
+__all__ = ["annotate_corpus", "annotate_local", "read_shards"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "annotate_local":
-        from .local import annotate_local
+    if name in ("annotate_corpus", "annotate_local"):
+        from . import local
 
-        return annotate_local
+        return getattr(local, name)
     if name == "read_shards":
         from .shards import read_shards
 

@@ -21,9 +21,9 @@ from .shards import (
     make_settings,
     pending_records,
 )
-from .worker import Annotator, resolve_model
+from .worker import Annotator, describe_source, resolve_model
 
-__all__ = ["annotate_local", "Progress"]
+__all__ = ["Progress", "annotate_corpus", "annotate_local"]
 
 
 class Progress:
@@ -54,12 +54,16 @@ class Progress:
         self.bar.close()
 
 
-def annotate_local(
+def annotate_corpus(
     model: str,
     inputs: Union[str, Path, Sequence[Union[str, Path]]],
     output: Union[str, Path],
     *,
+    engine: str = "local",
     n_process: int = 1,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    address: Optional[str] = None,
     batch_size: int = 64,
     shard_size: int = 1000,
     store: Optional[str] = None,
@@ -73,16 +77,32 @@ def annotate_local(
 ) -> Dict[str, Any]:
     """Annotate ``inputs`` with ``model`` into DocBin shards in ``output`` (resumable).
 
+    engine: ``"local"`` (this process, or ``n_process`` forked CPU workers) or
+    ``"ray"`` (:func:`spacy_ctx.annotate.ray_engine.annotate_ray` with ``workers``
+    actors, ``gpus_per_worker``, ``address``). Both share the input reader, the
+    manifest and the shard writer, so their outputs are identical.
+
     Returns a summary: documents, shards (written now / already there), skipped
     input lines, seconds, docs/s and words/s of this run.
     """
-    if n_process < 1 or batch_size < 1:
-        raise ConfigError(f"--n-process and --batch-size must be at least 1; got {n_process}, {batch_size}.")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine must be 'local' or 'ray'; got {engine!r}.")
+    if n_process < 1 or batch_size < 1 or workers < 1:
+        raise ConfigError(
+            f"--n-process, --workers and --batch-size must be at least 1; got {n_process}, {workers}, {batch_size}."
+        )
+    if n_process > 1 and engine == "ray":
+        raise ConfigError("--n-process is for the local engine; with --engine ray use --workers.")
     if n_process > 1 and gpu_id is not None and gpu_id >= 0:
         raise ConfigError(
             "--n-process > 1 runs forked CPU workers; CUDA does not survive fork. Use --n-process 1 "
             "with --gpu-id, or --engine ray with --gpus-per-worker."
         )
+    if engine == "ray":
+        try:
+            from .ray_engine import annotate_ray
+        except ImportError as err:
+            raise ConfigError(f"the Ray engine is not available ({err}).") from err
     overrides = {"store": store, "store_dtype": store_dtype, "gpu_id": gpu_id, "lang": lang}
     files = expand_inputs(inputs)
     source = resolve_model(model)
@@ -91,39 +111,76 @@ def annotate_local(
     # The manifest is checked before the model is loaded: a mismatch fails fast.
     manifest = load_or_create_manifest(output, settings, overwrite=overwrite)
     finished = manifest.finished_shards()
-    annotator = Annotator(model, overrides={k: v for k, v in overrides.items() if v is not None})
-    manifest.data["pipeline"] = annotator.describe()
-    run = manifest.start_run(engine="local", n_process=n_process, batch_size=batch_size)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    annotator: Optional[Annotator] = None
+    if engine == "local":
+        annotator = Annotator(model, overrides=given)
+        manifest.data["pipeline"] = annotator.describe()
+        run = manifest.start_run(engine="local", n_process=n_process, batch_size=batch_size)
+    else:  # the actors load the model; the driver only needs its language
+        manifest.data["pipeline"] = describe_source(source, given)
+        run = manifest.start_run(engine="ray", workers=workers, gpus_per_worker=gpus_per_worker,
+                                 address=address, batch_size=batch_size)
 
     done_docs = sum(manifest.data["shards"][str(k)]["docs"] for k in finished)
     bar = Progress(count_rows(files), initial=done_docs, enabled=progress)
     stats = InputStats()
     records = iter_records(files, text_key=text_key, id_key=id_key, stats=stats)
-    collector = ShardCollector(ShardWriter(output, manifest))
+    writer = ShardWriter(output, manifest)
     t0 = time.perf_counter()
     try:
-        for index, data, n_words in annotator.annotate(
-            pending_records(records, finished, shard_size), n_process=n_process, batch_size=batch_size
-        ):
-            collector.add(index, data, n_words)
-            bar.update(1, n_words)
-        collector.close(stats.documents)
+        if annotator is not None:
+            collector = ShardCollector(writer)
+            for index, data, n_words in annotator.annotate(
+                pending_records(records, finished, shard_size), n_process=n_process, batch_size=batch_size
+            ):
+                collector.add(index, data, n_words)
+                bar.update(1, n_words)
+            collector.close(stats.documents)
+            docs, words = collector.docs, collector.words
+            extra: Dict[str, Any] = {}
+        else:
+            seen = [0, 0]
+
+            def report(total_docs: int, total_words: int) -> None:  # cumulative counts
+                bar.update(total_docs - seen[0], total_words - seen[1])
+                seen[0], seen[1] = total_docs, total_words
+
+            ray_stats = annotate_ray(
+                model, records, writer, workers=workers, gpus_per_worker=gpus_per_worker,
+                batch_size=batch_size, address=address, overrides=given, done_shards=finished,
+                progress=report,
+            )
+            docs, words = ray_stats.documents, ray_stats.words
+            extra = {"ray": ray_stats.to_dict()}
         bar.close(final=True)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
     manifest.finish(stats.documents, stats.to_dict())
-    written = collector.writer.written
-    manifest.end_run(run, documents=collector.docs, words=collector.words, shards_written=written)
+    manifest.end_run(run, documents=docs, words=words, shards_written=writer.written, **extra)
     return {
         "output": str(output),
+        "engine": engine,
         "documents": stats.documents,
         "shards": len(manifest.data["shards"]),
-        "shards_written": written,
+        "shards_written": writer.written,
         "shards_skipped": len(finished),
         "skipped_inputs": stats.skipped,
-        "annotated": collector.docs,
+        "annotated": docs,
         "seconds": seconds,
-        "docs_per_s": collector.docs / seconds if seconds > 0 else 0.0,
-        "words_per_s": collector.words / seconds if seconds > 0 else 0.0,
+        "docs_per_s": docs / seconds if seconds > 0 else 0.0,
+        "words_per_s": words / seconds if seconds > 0 else 0.0,
     }
+
+
+def annotate_local(
+    model: str,
+    inputs: Union[str, Path, Sequence[Union[str, Path]]],
+    output: Union[str, Path],
+    **settings: Any,
+) -> Dict[str, Any]:
+    """:func:`annotate_corpus` with the local engine (same keyword settings)."""
+    if settings.pop("engine", "local") != "local":
+        raise ConfigError("annotate_local runs the local engine; use annotate_corpus(engine='ray').")
+    return annotate_corpus(model, inputs, output, engine="local", **settings)

@@ -46,10 +46,13 @@ __all__ = [
     "MANIFEST_NAME",
     "Manifest",
     "ManifestError",
+    "ShardCollector",
     "ShardError",
     "ShardWriter",
     "load_manifest",
     "load_or_create_manifest",
+    "make_settings",
+    "pending_records",
     "read_shards",
     "shard_name",
 ]

@@ -29,6 +29,7 @@ else ``en``).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -43,6 +44,7 @@ __all__ = [
     "CTX_FACTORIES",
     "ModelSource",
     "OVERRIDE_KEYS",
+    "describe_source",
     "doc_to_bytes",
     "records_to_batch",
     "resolve_model",
@@ -90,6 +92,26 @@ def resolve_model(model: str) -> ModelSource:
         f"{model}: no such directory or installed pipeline package; pass a spaCy pipeline "
         "directory, an installed package, or a transformer/ELMo checkpoint directory."
     )
+
+
+def describe_source(source: ModelSource, overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Kind and language of a model without loading it (the manifest's ``pipeline``
+    entry when the driver does not load the model itself, as with Ray)."""
+    overrides = overrides or {}
+    if source.kind in ("pipeline", "package"):
+        import spacy
+
+        config = spacy.util.load_config(_pipeline_config_path(source), interpolate=False)
+        lang = config.get("nlp", {}).get("lang")
+        pipeline = list(config.get("nlp", {}).get("pipeline", []))
+    elif source.kind == "transformer":
+        model_type = json.loads((source.path / "config.json").read_text()).get("model_type")
+        lang = overrides.get("lang") or _FAMILY_LANG.get(model_type, "en")
+        pipeline = ["ctx_bert"]
+    else:
+        lang = overrides.get("lang") or "en"
+        pipeline = ["sentencizer", "ctx_elmo"]
+    return {"kind": source.kind, "lang": lang, "pipeline": pipeline}
 
 
 def _pipeline_config_path(source: ModelSource) -> Path:
@@ -268,13 +290,16 @@ class Annotator:
         workers; spacy-ctx makes them fork-safe by giving torch one thread there).
         """
         pairs = ((r.text, (r.index, r.meta, r.id)) for r in records)
-        docs = self.nlp.pipe(pairs, as_tuples=True, n_process=n_process, batch_size=batch_size)
-        for doc, (index, meta, ident) in docs:
-            if ident is not None:
-                doc.user_data["id"] = ident
-            if meta is not None:
-                doc.user_data["meta"] = meta
-            yield index, doc_to_bytes(doc), len(doc)
+        with warnings.catch_warnings():
+            # W109: the workers' Docs travel without their vector hooks; we serialize them anyway.
+            warnings.filterwarnings("ignore", message=r"\[W109\]")
+            docs = self.nlp.pipe(pairs, as_tuples=True, n_process=n_process, batch_size=batch_size)
+            for doc, (index, meta, ident) in docs:
+                if ident is not None:
+                    doc.user_data["id"] = ident
+                if meta is not None:
+                    doc.user_data["meta"] = meta
+                yield index, doc_to_bytes(doc), len(doc)
 
     def __call__(self, batch: Mapping[str, Any]) -> Dict[str, np.ndarray]:
         """Annotate one columnar batch (see the module docstring)."""
