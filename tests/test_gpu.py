@@ -69,3 +69,72 @@ def test_no_gpu_memory_kept_by_docs(minilm):
     after = torch.cuda.memory_allocated()
     assert len(docs) == 30
     assert after - before < 1 << 20  # Docs hold numpy arrays only
+
+
+def _model_bytes(nlp) -> int:
+    backend = nlp.get_pipe("ctx_bert").backend
+    tensors = list(backend.parameters()) + list(backend.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
+
+
+def test_gpu_memory_back_to_model_size_after_pipe(minilm):
+    """Docs and listeners keep no GPU tensor: after ``list(nlp.pipe(...))`` and after
+    deleting the Docs, the allocated memory is the model's (plus the fixed
+    workspaces of the first forward, measured on a warm-up)."""
+    nlp = _nlp(minilm, device="cuda:0")
+    nlp.initialize()
+    list(nlp.pipe(TEXTS[:1]))  # warm-up: cuBLAS/SDPA workspaces
+    torch.cuda.synchronize()
+    model = _model_bytes(nlp)
+    warm = torch.cuda.memory_allocated()
+    assert warm - model < 64 << 20, (warm, model)
+    docs = list(nlp.pipe(TEXTS * 20, batch_size=8))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - warm < 1 << 20
+    assert all(isinstance(d._.ctx.layers, np.ndarray) for d in docs)
+    del docs
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - warm < 1 << 20
+
+
+def test_pinned_non_blocking_transfer():
+    from spacy_ctx.backends.batching import host_to_device
+
+    array = np.arange(24, dtype=np.int64).reshape(4, 6)
+    tensor = host_to_device(array, torch.device("cuda:0"))
+    assert tensor.is_cuda
+    np.testing.assert_array_equal(tensor.cpu().numpy(), array)
+
+
+def test_stop_early_and_oom_back_off_on_cuda(minilm):
+    """On the device: a middle layer alone equals that layer of a full pass, and a
+    simulated out-of-memory splits the batch (empty_cache runs) with equal results."""
+    import warnings
+
+    from spacy_ctx.backends.bert import TransformerBackend
+
+    backend = TransformerBackend.from_pretrained(minilm, name="minilm").to("cuda:0").eval()
+    nlp = spacy.blank("en")
+    docs = [nlp.make_doc(t) for t in TEXTS]
+    with torch.inference_mode():
+        full = backend.encode_docs(docs, max_batch_tokens=4096)
+        middle = backend.encode_docs(docs, max_batch_tokens=4096, keep_layers=[3])
+    for a, b in zip(full, middle):
+        torch.testing.assert_close(a.layers[3:4], b.layers, atol=1e-5, rtol=0)
+    real_forward = backend.encoder.forward
+    state = {"n": 0}
+
+    def forward(ids, mask, **kwargs):
+        state["n"] += 1
+        if state["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(ids, mask, **kwargs)
+
+    backend.encoder.forward = forward
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.inference_mode():
+            retried = backend.encode_docs(docs, max_batch_tokens=4096)
+    assert len([w for w in caught if "out of memory" in str(w.message)]) == 1
+    for a, b in zip(full, retried):
+        torch.testing.assert_close(a.layers, b.layers, atol=1e-5, rtol=0)

@@ -149,6 +149,16 @@ class TransformerBackend(Backend):
             stats.update(batch_stats([n + n_specials for n in lengths], max_batch_tokens))
         return stats
 
+    def batch_shapes(self, docs: Sequence, *, max_batch_tokens: int) -> List[Tuple[int, int]]:
+        """``(rows, positions)`` of every padded batch :meth:`encode_docs` would run for
+        ``docs`` (specials included), in order, without running the model: what the
+        FLOP count of a forward pass needs (attention grows with rows x positions²)."""
+        _, plans = self._plan(docs)
+        n_specials = self.pieces.n_specials
+        lengths = [end - start + n_specials for plan in plans for start, end in plan.spans]
+        batches = pack_by_length(lengths, self.batch_budget(max_batch_tokens))
+        return [(len(batch), max(lengths[i] for i in batch)) for batch in batches]
+
     # -- encoding -----------------------------------------------------------------
     def batch_budget(self, max_batch_tokens: int) -> int:
         """The padded positions per batch actually used: ``max_batch_tokens``, or less
