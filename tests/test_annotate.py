@@ -337,3 +337,36 @@ def test_import_spacy_ctx_stays_cheap() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_resume_after_sigkill_mid_run(tiny_bert_dir, corpus, reference_run, tmp_path) -> None:
+    """A real kill (SIGKILL, whenever it lands), then a rerun: every document exactly once."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "spacy_ctx", "annotate", str(tiny_bert_dir), str(corpus["path"]), str(out),
+            "--shard-size", "4", "--batch-size", "16", "--id-key", "id", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest_path = out / "manifest.json"
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if manifest_path.exists() and len(json.loads(manifest_path.read_text())["shards"]) >= 3:
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    killed_after = len(json.loads(manifest_path.read_text())["shards"])
+    resumed = run_cli(args[4:-1])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{75 - killed_after} written now, {killed_after} already done" in resumed.stdout
+    docs, expected = list(read_shards(out)), list(read_shards(reference_run))
+    assert [d.user_data["id"] for d in docs] == [f"doc-{i}" for i in range(N_DOCS)]
+    for doc, ref in zip(docs, expected):
+        assert doc.text == ref.text
+        np.testing.assert_allclose(doc._.ctx.layers, ref._.ctx.layers, atol=1e-6, rtol=0)
+    assert len(list(out.glob("shard-*.spacy"))) == 75
