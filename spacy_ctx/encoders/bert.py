@@ -18,6 +18,7 @@ blocks' names); ``Family.names`` maps Hugging Face names onto them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -345,7 +346,7 @@ class BertEncoder(TransformerEncoder):
         hidden = self.embeddings(input_ids, self.position_ids(input_ids), token_type_ids)
         mask = key_padding_mask(attention_mask)
         outputs = [hidden]
-        for layer in self.layers[:n_blocks]:
+        for layer in islice(self.layers, n_blocks):
             hidden = layer(hidden, mask)
             outputs.append(hidden)
         return outputs

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -578,7 +579,7 @@ class DebertaV2Encoder(TransformerEncoder):
         # One additive bias for padding, to which each layer adds its relative terms.
         mask = mask_to_bias(key_padding_mask(attention_mask), hidden.dtype)
         outputs = [hidden]
-        for i, layer in enumerate(self.layers[:n_blocks]):
+        for i, layer in enumerate(islice(self.layers, n_blocks)):
             out = layer(outputs[-1], mask, relative=relative)
             if i == 0 and self.conv is not None:
                 out = self.conv(hidden, out, keep)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -284,7 +285,7 @@ class Gpt2Encoder(TransformerEncoder):
         # with at least one real piece, so nothing else changes.
         mask[..., 0] = True  # causal_mask returns a new tensor
         outputs = [hidden]
-        for layer in self.layers[:n_blocks]:
+        for layer in islice(self.layers, n_blocks):
             hidden = layer(hidden, mask)
             outputs.append(hidden)
         if n_blocks == self.config.num_hidden_layers:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -373,7 +374,7 @@ class ModernBertEncoder(TransformerEncoder):
             for kind in kinds
         }
         outputs = [hidden]
-        for kind, layer in zip(config.layer_types[:n_blocks], self.layers[:n_blocks]):
+        for kind, layer in islice(zip(config.layer_types, self.layers), n_blocks):
             hidden = layer(hidden, masks[kind], rotary=rotary[kind])
             outputs.append(hidden)
         if n_blocks == config.num_hidden_layers:
