@@ -138,3 +138,12 @@ def test_stop_early_and_oom_back_off_on_cuda(minilm):
     assert len([w for w in caught if "out of memory" in str(w.message)]) == 1
     for a, b in zip(full, retried):
         torch.testing.assert_close(a.layers, b.layers, atol=1e-5, rtol=0)
+
+
+def test_to_host_from_cuda_in_stored_dtype():
+    from spacy_ctx.backends.base import to_host
+
+    tensor = torch.randn(3, 5, 8, device="cuda:0")
+    half = to_host(tensor, "float16")
+    assert isinstance(half, np.ndarray) and half.dtype == np.float16
+    np.testing.assert_array_equal(half, tensor.half().cpu().numpy())

@@ -293,3 +293,17 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert "(c) model FLOP utilisation" in out
     assert "(d) ELMo" in out
     assert (tmp_path / "gpu_check.json").is_file()
+
+
+def test_to_host_converts_before_copying():
+    from spacy_ctx.backends.base import to_host
+
+    tensor = torch.randn(2, 3, 4, dtype=torch.float32)
+    same = to_host(tensor, "float32")
+    assert same.dtype == np.float32 and np.shares_memory(same, tensor.numpy())
+    half = to_host(tensor, np.float16)
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half, tensor.numpy().astype(np.float16))
+    assert to_host(tensor.to(torch.bfloat16)).dtype == np.float32
+    with pytest.raises(ValueError, match="float32 or float16"):
+        to_host(tensor, "int8")

@@ -52,6 +52,19 @@ class CtxOutput:
         return CtxOutput(layers, self.piece_counts, self.piece_index)
 
 
+def to_host(tensor: torch.Tensor, dtype: Union[str, np.dtype] = "float32") -> np.ndarray:
+    """``tensor`` as a numpy array of ``dtype`` (float32 or float16) in host memory.
+
+    The conversion happens on the tensor's device before the copy, so a float16 store
+    moves half the bytes over PCIe and the host does no conversion pass; a CPU
+    tensor already of ``dtype`` is not copied at all (the array shares its memory).
+    """
+    target = {np.dtype("float32"): torch.float32, np.dtype("float16"): torch.float16}.get(np.dtype(dtype))
+    if target is None:
+        raise ValueError(f"to_host: dtype must be float32 or float16, got {dtype!r}")
+    return tensor.detach().to(target).cpu().numpy()
+
+
 def pool_pieces(
     layers: torch.Tensor,
     piece_counts: np.ndarray,
