@@ -307,3 +307,32 @@ def test_to_host_converts_before_copying():
     assert to_host(tensor.to(torch.bfloat16)).dtype == np.float32
     with pytest.raises(ValueError, match="float32 or float16"):
         to_host(tensor, "int8")
+
+
+def test_gpu_check_flop_count_and_peaks(model_dirs):
+    """The MFU numerator: the formula's projection and feed-forward FLOPs equal torch's
+    own FLOP counter on our encoder (the counter sees attention only where SDPA
+    dispatches to a kernel it knows, so both totals are accepted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_check import encoder_flops, peak_tflops
+
+    encoder = load_encoder(model_dirs["bert"]).encoder.eval()
+    shapes = [(3, 12), (2, 7)]
+    counted = 0
+    for rows, length in shapes:
+        ids = torch.randint(3, 90, (rows, length))
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            encoder(ids, torch.ones_like(ids, dtype=torch.bool))
+        counted += counter.get_total_flops()
+    config = encoder.config
+    attention = 4 * config.hidden_size * config.num_hidden_layers * sum(r * n * n for r, n in shapes)
+    total = encoder_flops(config, shapes)
+    assert counted in (total, total - attention)
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA L4") == 121.0
+    assert peak_tflops("NVIDIA L40S") is None
