@@ -370,3 +370,22 @@ def test_resume_after_sigkill_mid_run(tiny_bert_dir, corpus, reference_run, tmp_
         assert doc.text == ref.text
         np.testing.assert_allclose(doc._.ctx.layers, ref._.ctx.layers, atol=1e-6, rtol=0)
     assert len(list(out.glob("shard-*.spacy"))) == 75
+
+
+def test_elmo_checkpoint_dir(tiny_elmo_files, tmp_path) -> None:
+    """options.json + weights.hdf5: a blank pipeline with a sentencizer and ctx_elmo."""
+    options, weights = tiny_elmo_files
+    assert options.parent == weights.parent and options.name == "options.json"
+    texts = ["The bank raised rates. We sat on the bank.", "Apple is a company."]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    out = tmp_path / "out"
+    annotate_local(str(options.parent), [tmp_path / "in.txt"], out, progress=False)
+    nlp = spacy.blank("en")
+    nlp.add_pipe("sentencizer")
+    nlp.add_pipe("ctx_elmo", config={"model": {"options": str(options), "weights": str(weights)}})
+    docs = list(read_shards(out))
+    assert [d.text for d in docs] == texts
+    for doc in docs:
+        np.testing.assert_allclose(doc._.ctx.layers, nlp(doc.text)._.ctx.layers, atol=1e-5, rtol=0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pipeline"]["kind"] == "elmo" and manifest["pipeline"]["pipeline"] == ["sentencizer", "ctx_elmo"]

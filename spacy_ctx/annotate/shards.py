@@ -95,6 +95,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def current_rss_mb() -> Optional[float]:
+    """This process's resident memory in MiB (Linux ``/proc``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def _normalized(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists, keys strings)."""
     return json.loads(json.dumps(obj))
@@ -346,6 +356,8 @@ class ShardWriter:
             "sha256": hashlib.sha256(data).hexdigest(),
             "seconds": None if seconds is None else round(seconds, 3),
             "written": _now(),
+            # The writer's resident memory after the shard: flat over a run when nothing leaks.
+            "rss_mb": current_rss_mb(),
         }
         self.manifest.record_shard(info)
         self.written += 1
