@@ -341,3 +341,24 @@ def test_settings_survive_to_disk_and_load(tiny_bert_dir, tmp_path) -> None:
         np.testing.assert_array_equal(again._.ctx.scales, doc._.ctx.scales)
     restored = _roundtrip_docbin(docs, loaded.vocab)
     assert [d._.ctx.store_dtype for d in restored] == ["int8"] * len(docs)
+
+
+def test_payload_benchmark_smoke(minilm, tmp_path) -> None:
+    """benchmarks/payload.py on two Docs: every row, JSON written, int8 < float16 < float32."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "payload.py"
+    spec = importlib.util.spec_from_file_location("payload_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "payload.json"
+    module.main(["--n-docs", "2", "--check-docs", "1", "--model", str(minilm), "--out", str(out)])
+    result = json.loads(out.read_text(encoding="utf8"))
+    rows = {row["row"]: row for row in result["rows"]}
+    assert len(rows) == len(module.ROWS)
+    sizes = [rows[f"last {dtype}"]["bytes_per_doc"] for dtype in ("int8", "float16", "float32")]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[2] / 3
+    assert rows["last int8"]["worst_token_cosine_vs_float32"] >= 0.999
+    assert result["spacy_transformers"]["estimate_bytes_per_doc"] > rows["last float32"]["bytes_per_doc"]
