@@ -2,11 +2,13 @@
 
 Entry point: :func:`spacy_ctx.annotate.local.annotate_corpus` (what the CLI
 calls) with ``engine="local"`` (one process or ``nlp.pipe(n_process=N)`` on CPU;
-also ``annotate_local``) or ``engine="ray"``, which hands the records and the
-shard writer to ``spacy_ctx.annotate.ray_engine.annotate_ray(model, records,
-writer, workers=..., gpus_per_worker=..., batch_size=..., address=...,
-overrides=..., done_shards=..., progress=...)`` (Ray Data, an actor pool of
-:class:`~spacy_ctx.annotate.worker.Annotator`).
+also ``annotate_local``) or ``engine="ray"``, which calls
+``spacy_ctx.annotate.ray_engine.annotate_ray(model, inputs, output, workers=...,
+gpus_per_worker=..., address=..., batch_size=..., shard_size=..., store=...,
+store_dtype=..., gpu_id=..., lang=..., text_key=..., id_key=..., overwrite=...,
+progress=...)`` (Ray Data, an actor pool of
+:class:`~spacy_ctx.annotate.worker.Annotator`; ``annotate_records_ray`` is its
+record-level part).
 Both read inputs, write shards and keep the manifest with the same pieces:
 
 ``inputs`` (:mod:`spacy_ctx.annotate.inputs`)

@@ -21,7 +21,7 @@ from .shards import (
     make_settings,
     pending_records,
 )
-from .worker import Annotator, describe_source, resolve_model
+from .worker import Annotator, resolve_model
 
 __all__ = ["Progress", "annotate_corpus", "annotate_local"]
 
@@ -98,11 +98,17 @@ def annotate_corpus(
             "--n-process > 1 runs forked CPU workers; CUDA does not survive fork. Use --n-process 1 "
             "with --gpu-id, or --engine ray with --gpus-per-worker."
         )
-    if engine == "ray":
+    if engine == "ray":  # the Ray driver shares the reader, manifest and writer (ray_engine.py)
         try:
             from .ray_engine import annotate_ray
         except ImportError as err:
             raise ConfigError(f"the Ray engine is not available ({err}).") from err
+        return annotate_ray(
+            model, inputs, output, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
+            batch_size=batch_size, shard_size=shard_size, store=store, store_dtype=store_dtype,
+            gpu_id=gpu_id, lang=lang, text_key=text_key, id_key=id_key, overwrite=overwrite,
+            progress=progress,
+        )
     overrides = {"store": store, "store_dtype": store_dtype, "gpu_id": gpu_id, "lang": lang}
     files = expand_inputs(inputs)
     source = resolve_model(model)
@@ -111,16 +117,9 @@ def annotate_corpus(
     # The manifest is checked before the model is loaded: a mismatch fails fast.
     manifest = load_or_create_manifest(output, settings, overwrite=overwrite)
     finished = manifest.finished_shards()
-    given = {k: v for k, v in overrides.items() if v is not None}
-    annotator: Optional[Annotator] = None
-    if engine == "local":
-        annotator = Annotator(model, overrides=given)
-        manifest.data["pipeline"] = annotator.describe()
-        run = manifest.start_run(engine="local", n_process=n_process, batch_size=batch_size)
-    else:  # the actors load the model; the driver only needs its language
-        manifest.data["pipeline"] = describe_source(source, given)
-        run = manifest.start_run(engine="ray", workers=workers, gpus_per_worker=gpus_per_worker,
-                                 address=address, batch_size=batch_size)
+    annotator = Annotator(model, overrides={k: v for k, v in overrides.items() if v is not None})
+    manifest.data["pipeline"] = annotator.describe()
+    run = manifest.start_run(engine="local", n_process=n_process, batch_size=batch_size)
 
     done_docs = sum(manifest.data["shards"][str(k)]["docs"] for k in finished)
     bar = Progress(count_rows(files), initial=done_docs, enabled=progress)
@@ -129,36 +128,20 @@ def annotate_corpus(
     writer = ShardWriter(output, manifest)
     t0 = time.perf_counter()
     try:
-        if annotator is not None:
-            collector = ShardCollector(writer)
-            for index, data, n_words in annotator.annotate(
-                pending_records(records, finished, shard_size), n_process=n_process, batch_size=batch_size
-            ):
-                collector.add(index, data, n_words)
-                bar.update(1, n_words)
-            collector.close(stats.documents)
-            docs, words = collector.docs, collector.words
-            extra: Dict[str, Any] = {}
-        else:
-            seen = [0, 0]
-
-            def report(total_docs: int, total_words: int) -> None:  # cumulative counts
-                bar.update(total_docs - seen[0], total_words - seen[1])
-                seen[0], seen[1] = total_docs, total_words
-
-            ray_stats = annotate_ray(
-                model, records, writer, workers=workers, gpus_per_worker=gpus_per_worker,
-                batch_size=batch_size, address=address, overrides=given, done_shards=finished,
-                progress=report,
-            )
-            docs, words = ray_stats.documents, ray_stats.words
-            extra = {"ray": ray_stats.to_dict()}
+        collector = ShardCollector(writer)
+        for index, data, n_words in annotator.annotate(
+            pending_records(records, finished, shard_size), n_process=n_process, batch_size=batch_size
+        ):
+            collector.add(index, data, n_words)
+            bar.update(1, n_words)
+        collector.close(stats.documents)
+        docs, words = collector.docs, collector.words
         bar.close(final=True)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
     manifest.finish(stats.documents, stats.to_dict())
-    manifest.end_run(run, documents=docs, words=words, shards_written=writer.written, **extra)
+    manifest.end_run(run, documents=docs, words=words, shards_written=writer.written)
     return {
         "output": str(output),
         "engine": engine,
