@@ -285,8 +285,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ann.add_argument("--shard-size", type=int, default=1000, help="documents per shard (default 1000)")
     ann.add_argument("--store", choices=["none", "last", "all"], default=None,
                      help="ctx layers kept on the Docs (default: the pipeline's setting)")
-    ann.add_argument("--store-dtype", choices=["float32", "float16"], default=None,
-                     help="dtype of the stored layers (default: the pipeline's setting)")
+    ann.add_argument("--store-dtype", default=None,
+                     help="dtype of the stored layers, e.g. float16 (default: the pipeline's setting)")
     ann.add_argument("--gpu-id", type=int, default=None, help="CUDA device for the encoder (-1: CPU)")
     ann.add_argument("--lang", default=None, help="language of the blank pipeline for a checkpoint dir")
     ann.add_argument("--text-key", default="text", help="JSONL key / Parquet column of the text")

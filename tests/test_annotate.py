@@ -322,11 +322,14 @@ def test_pipeline_dir_with_overrides(tiny_bert_dir, tmp_path) -> None:
         np.testing.assert_allclose(doc._.ctx.layers.astype(np.float32), expected, atol=2e-3, rtol=1e-2)
 
 
-def test_bad_model_and_ray_without_engine_file_are_clear_errors(tmp_path, corpus) -> None:
+def test_bad_model_and_settings_are_clear_errors(tmp_path, corpus) -> None:
     with pytest.raises(spacy_ctx.ConfigError, match="not a model directory"):
         annotate_local(str(tmp_path), [corpus["path"]], tmp_path / "out", progress=False)
     with pytest.raises(spacy_ctx.ConfigError, match="no such directory or installed pipeline"):
         annotate_local("no_such_model_xyz", [corpus["path"]], tmp_path / "out", progress=False)
+    with pytest.raises(spacy_ctx.ConfigError, match="--store-dtype must be one of"):
+        annotate_local(str(tmp_path), [corpus["path"]], tmp_path / "out", store_dtype="float8", progress=False)
+    assert not (tmp_path / "out").exists()  # refused before any manifest is written
 
 
 def test_import_spacy_ctx_stays_cheap() -> None:

@@ -98,6 +98,7 @@ def annotate_corpus(
             "--n-process > 1 runs forked CPU workers; CUDA does not survive fork. Use --n-process 1 "
             "with --gpu-id, or --engine ray with --gpus-per-worker."
         )
+    _check_store(store, store_dtype)
     if engine == "ray":  # the Ray driver shares the reader, manifest and writer (ray_engine.py)
         try:
             from .ray_engine import annotate_ray
@@ -155,6 +156,16 @@ def annotate_corpus(
         "docs_per_s": docs / seconds if seconds > 0 else 0.0,
         "words_per_s": words / seconds if seconds > 0 else 0.0,
     }
+
+
+def _check_store(store: Optional[str], store_dtype: Optional[str]) -> None:
+    """Refuse a bad --store/--store-dtype before a manifest records it."""
+    from ..pipeline.component import STORE_DTYPES, STORE_MODES
+
+    if store is not None and store not in STORE_MODES:
+        raise ConfigError(f"--store must be one of {STORE_MODES}; got {store!r}.")
+    if store_dtype is not None and store_dtype not in STORE_DTYPES:
+        raise ConfigError(f"--store-dtype must be one of {STORE_DTYPES}; got {store_dtype!r}.")
 
 
 def annotate_local(
