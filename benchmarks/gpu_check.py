@@ -260,9 +260,12 @@ def throughput(args, model: Path, texts: List[str], n_words: int, device: torch.
                 row["skipped"] = str(err) or type(err).__name__
                 rows.append(row)
                 continue
-            run(texts[: args.warmup])
-            seconds = timed(lambda: run(texts), device)
-            row.update(seconds=seconds, words_per_s=n_words / seconds)
+            try:
+                run(texts[: args.warmup])
+                seconds = timed(lambda: run(texts), device)
+                row.update(seconds=seconds, words_per_s=n_words / seconds)
+            except Exception as err:  # report it and go on with the other rows
+                row["skipped"] = f"failed: {type(err).__name__}: {err}"[:300]
             rows.append(row)
             del run
             if device.type == "cuda":
@@ -433,9 +436,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     report.update(corpus=source, docs=len(texts), words=n_words, model=str(model), model_shape=shape, vocab=vocab)
     log(f"model: random weights, {shape} ({vocab}); corpus: {source}")
     report["throughput"] = throughput(args, model, texts, n_words, device)
-    report["mfu"] = mfu(args, model, texts, device, has_cuda)
-    report["elmo"] = elmo(args, texts, device)
-    report["stop_early"] = stop_early(args, model, texts, device)
+    # One failing part must not hide the others' numbers.
+    for key, part in (
+        ("mfu", lambda: mfu(args, model, texts, device, has_cuda)),
+        ("elmo", lambda: elmo(args, texts, device)),
+        ("stop_early", lambda: stop_early(args, model, texts, device)),
+    ):
+        try:
+            report[key] = part()
+        except Exception as err:
+            log(f"({key}) failed: {type(err).__name__}: {err}")
+            report[key] = {"failed": f"{type(err).__name__}: {err}"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     report["seconds"] = time.perf_counter() - started
     out = args.work_dir / "gpu_check.json"
     out.write_text(json.dumps(report, indent=2, default=str))
