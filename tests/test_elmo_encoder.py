@@ -523,7 +523,8 @@ def test_input_gates_are_computed_in_bounded_blocks_of_real_rows(
         bounded = run_framed(tiny_model, batch)
         assert torch.equal(bounded, expected)
         n_layers, batch_size, n_steps = tiny_model.options.n_layers, len(batch), len(long_sentence) + 2
-        assert all(shape[2] == batch_size for shape in blocks), blocks  # real rows only
+        # Real rows only: all of them in the first block, then the unfinished ones.
+        assert blocks[0][2] == batch_size and all(1 <= shape[2] <= batch_size for shape in blocks)
         for _, steps, rows, _ in blocks:
             assert steps % elmo_module.ROW_MULTIPLE == 0
             # Within the budget, or the smallest block (ROW_MULTIPLE steps) if that is larger.
@@ -546,6 +547,78 @@ def test_char_cnn_runs_in_bounded_chunks(tiny_model: ElmoBiLM, monkeypatch: pyte
         chunked = tiny_model.token_embeddings(ids)
     assert sizes == [16] * 6 + [4]
     assert torch.equal(chunked, whole)
+
+
+def test_padding_char_id_agrees_with_chars_module() -> None:
+    from spacy_ctx.pieces import chars
+
+    assert elmo_module.PADDING_CHAR_ID == chars.PADDING_CHAR + 1
+    assert elmo_char_ids(["a"])[0, -1] == elmo_module.PADDING_CHAR_ID
+
+
+def test_trimmed_char_cnn_equals_full_width(tiny_model: ElmoBiLM) -> None:
+    """Inference convolves only a word's own positions (plus one padding window): the
+    same embeddings as the full 50 positions (the autograd path), and a word's row
+    does not depend on how long the other words of its batch are."""
+    words = ["a", "cat", "extraordinarily", "東京", "🙂", "x" * 60, "naïve", "of"] + [f"w{k}" for k in range(30)]
+    ids = torch.from_numpy(elmo_char_ids(words))
+    ids = torch.cat([ids, torch.zeros(1, CHARS_PER_TOKEN, dtype=torch.long)])  # a padding token
+    with torch.enable_grad():
+        full = tiny_model.token_embeddings(ids).detach()
+    with torch.no_grad():
+        trimmed = tiny_model.token_embeddings(ids)
+        alone = [tiny_model.token_embeddings(ids[i : i + 1]) for i in range(len(words))]
+        short_only = tiny_model.token_embeddings(ids[:2])
+    torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-6)
+    for i, row in enumerate(alone):
+        assert torch.equal(row[0], trimmed[i]), words[i]
+    assert torch.equal(short_only, trimmed[:2])
+
+
+def test_char_cnn_trims_positions(tiny_model: ElmoBiLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    widths: List[int] = []
+    original = tiny_model.char_encoder._embed_chunk
+    monkeypatch.setattr(
+        tiny_model.char_encoder, "_embed_chunk", lambda chunk: widths.append(chunk.shape[1]) or original(chunk)
+    )
+    with torch.no_grad():
+        tiny_model.token_embeddings(torch.from_numpy(elmo_char_ids(["a", "ab", "x" * 60])))
+    widest = max(width for width, _ in tiny_model.options.filters)
+    # "a" and "ab" (<= 4 ids with the word markers) share one trimmed width; the
+    # 60-char word keeps all 50 positions.
+    assert sorted(widths) == [elmo_module.TRIM_STEP + widest, CHARS_PER_TOKEN]
+
+
+def test_lstm_inference_loop_matches_autograd_loop(tiny_model: ElmoBiLM) -> None:
+    """The in-place, active-rows-only inference loop equals the autograd loop to float32
+    rounding, for sorted and unsorted batches, and restores the thread count."""
+    ids, lengths = batch_char_ids(SENTENCES)  # unsorted lengths
+    with torch.enable_grad():
+        reference = tiny_model(ids, lengths).detach()
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        fast = tiny_model(ids, lengths)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        sorted_fast = tiny_model(ids[order], lengths[order])
+    assert torch.get_num_threads() == threads
+    torch.testing.assert_close(fast, reference, rtol=0, atol=2e-6)
+    assert torch.equal(sorted_fast, fast[:, order])
+
+
+def test_step_threads_limits_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: List[int] = []
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with elmo_module._step_threads(16 * 16):
+            seen.append(torch.get_num_threads())
+        monkeypatch.setattr(elmo_module, "STEP_ELEMENTS_PER_THREAD", 1)
+        with elmo_module._step_threads(16 * 16):
+            seen.append(torch.get_num_threads())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+    assert seen == [1, 2]
 
 
 # --------------------------------------------------------------------------
@@ -603,11 +676,14 @@ def test_backend_keep_layers_and_gradient_path(backend: ElmoBackend, vocab) -> N
     with torch.no_grad():
         last = backend.encode_docs(docs, max_batch_tokens=8, keep_layers=[2])
     np.testing.assert_array_equal(last[0].layers.numpy(), full[[2]])
-    # With autograd (fine-tuning), rows are concatenated instead of copied: same values.
+    # With autograd (fine-tuning), rows are concatenated instead of copied, and the
+    # LSTM runs its autograd-friendly loop instead of the in-place inference one:
+    # the same values up to float32 rounding.
     with torch.enable_grad():
         graded = backend.encode_docs(docs, max_batch_tokens=8, keep_layers=[0, 2])
     assert graded[0].layers.requires_grad
-    np.testing.assert_array_equal(graded[0].layers.detach().numpy(), full[[0, 2]])
+    np.testing.assert_array_equal(graded[0].layers.detach().numpy()[0], full[0])  # token layer
+    np.testing.assert_allclose(graded[0].layers.detach().numpy(), full[[0, 2]], rtol=0, atol=2e-6)
     assert graded[1].layers.shape == (2, 0, 16)
 
 

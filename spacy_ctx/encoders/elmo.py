@@ -79,6 +79,18 @@ INPUT_GATE_BUDGET = 1 << 20
 #: through the CNN in chunks that fit it (:meth:`ElmoCharEncoder.forward`).
 CHAR_CNN_BUDGET = 1 << 22
 
+#: Elements of per-step LSTM cell state (padded rows x cell_dim) per intra-op
+#: thread in the inference loop (see :class:`_step_threads`).
+STEP_ELEMENTS_PER_THREAD = 1 << 20
+
+#: The padding *char* id (after the +1 shift of ``spacy_ctx.pieces.chars``, which
+#: this module may not import): what follows a word's end-of-word marker.
+PADDING_CHAR_ID = 261
+
+#: Granularity of the char CNN's trimmed widths (:meth:`ElmoCharEncoder._forward_trimmed`):
+#: words are grouped by their length rounded up to this.
+TRIM_STEP = 4
+
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 
 
@@ -153,12 +165,56 @@ class ElmoCharEncoder(nn.Module):
         multiples of ``ROW_MULTIPLE`` words, so the result does not depend on them.
         """
         n_words = char_ids.shape[0]
+        if not torch.is_grad_enabled() and n_words:
+            return self._forward_trimmed(char_ids)
         per_word = (self.options.char_embedding_dim + self.options.n_filters_total) * CHARS_PER_TOKEN
         chunk = _rows_within(CHAR_CNN_BUDGET, per_word)
         if n_words <= chunk:
             return self._embed_chunk(char_ids)
         return torch.cat(
             [self._embed_chunk(char_ids[start : start + chunk]) for start in range(0, n_words, chunk)]
+        )
+
+    def _forward_trimmed(self, char_ids: Tensor) -> Tensor:
+        """Inference-only :meth:`forward` that convolves only the char positions that matter.
+
+        A word of ``n`` ids before its padding chars is followed by identical
+        padding windows, whose conv value is the same constant for every word: the
+        max over positions only needs the windows that touch the word and one
+        all-padding window, i.e. the first ``n + widest filter`` positions. Words
+        are grouped by ``n`` rounded up to ``TRIM_STEP``, so a word's positions
+        (and its result) depend on its own length only, never on the other words.
+        Most words are short, so most convolutions run on ~1/3 of the 50 positions.
+        """
+        n_words = char_ids.shape[0]
+        widest = max(width for width, _ in self.options.filters)
+        positions = torch.arange(1, CHARS_PER_TOKEN + 1, device=char_ids.device)
+        # Index + 1 of the last non-padding id of each word (padding tokens: 50).
+        n_ids = torch.where(char_ids != PADDING_CHAR_ID, positions, 0).amax(dim=1)
+        trimmed = torch.clamp(-(-n_ids // TRIM_STEP) * TRIM_STEP + widest, max=CHARS_PER_TOKEN)
+        # Lengths whose windows would not all fit keep the full 50 positions.
+        trimmed = torch.where(n_ids + widest > CHARS_PER_TOKEN, CHARS_PER_TOKEN, trimmed)
+        lengths, counts = torch.unique(trimmed, return_counts=True)
+        if len(lengths) == 1 and int(lengths[0]) == CHARS_PER_TOKEN:
+            return self._chunks(char_ids)
+        output: Optional[Tensor] = None
+        for length in lengths.tolist():
+            rows = torch.nonzero(trimmed == length).squeeze(1)
+            embedded = self._chunks(char_ids[rows, :length])
+            if output is None:
+                output = embedded.new_empty(n_words, embedded.shape[1])
+            output[rows] = embedded
+        assert output is not None
+        return output
+
+    def _chunks(self, char_ids: Tensor) -> Tensor:
+        """:meth:`_embed_chunk` over chunks of words whose activations fit ``CHAR_CNN_BUDGET``."""
+        per_word = (self.options.char_embedding_dim + self.options.n_filters_total) * char_ids.shape[1]
+        chunk = _rows_within(CHAR_CNN_BUDGET, per_word)
+        if char_ids.shape[0] <= chunk:
+            return self._embed_chunk(char_ids)
+        return torch.cat(
+            [self._embed_chunk(char_ids[start : start + chunk]) for start in range(0, char_ids.shape[0], chunk)]
         )
 
     def _embed_chunk(self, char_ids: Tensor) -> Tensor:
@@ -265,6 +321,11 @@ class ProjectionLstmLayer(nn.Module):
         costs about its own size, not 16 padded rows of it.
         """
         n_dirs, n_steps, batch_size, _ = inputs.shape
+        if not torch.is_grad_enabled() and n_steps and batch_size:
+            n_active = _prefix_counts(active)
+            if n_active is not None:
+                with _step_threads(padded_size(batch_size) * self.cell_dim):
+                    return self._forward_prefix(inputs, n_active)
         n_rows = padded_size(batch_size)  # rows of the per-step state and matmuls
         n_extra = n_rows - batch_size
         cell = inputs.new_zeros(n_dirs, n_rows, self.cell_dim)
@@ -311,6 +372,104 @@ class ProjectionLstmLayer(nn.Module):
         if not blocks:
             return inputs.new_zeros(n_dirs, 0, batch_size, self.projection_dim)
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+
+    def _forward_prefix(self, inputs: Tensor, n_active: List[int]) -> Tensor:
+        """Inference-only :meth:`forward` when the active rows of every step are a prefix.
+
+        Rows sorted by length, longest first (as the backend's batches are), make
+        ``active[t]`` the first ``n_active[t]`` rows, non-increasing in ``t``. Then a
+        step only computes its active rows (padded to ``ROW_MULTIPLE`` for the matmul
+        kernels), a finished row's state is never read again (so it is not carried
+        with ``where``), the input gates of a block skip rows that are finished when
+        the block starts, and the gate arithmetic runs in place in the gate buffer.
+        Same maths as :meth:`forward`, up to float32 rounding; a row's result is
+        still independent of the other rows (every matmul has a padded row count,
+        every elementwise op works on whole rows).
+        """
+        n_dirs, n_steps, batch_size, _ = inputs.shape
+        n_rows = padded_size(batch_size)
+        cell_dim = self.cell_dim
+        cell = inputs.new_zeros(n_dirs, n_rows, cell_dim)
+        hidden = inputs.new_zeros(n_dirs, n_rows, self.projection_dim)
+        output = inputs.new_zeros(n_dirs, n_steps, batch_size, self.projection_dim)
+        block_steps = self.block_steps(batch_size)
+        for block_start in range(0, n_steps, block_steps):
+            n_block = min(block_steps, n_steps - block_start)
+            block_rows = n_active[block_start]  # rows past it are finished for the whole block
+            if block_rows == 0:
+                break
+            block = inputs[:, block_start : block_start + n_block, :block_rows]
+            # A multiple of ROW_MULTIPLE steps, so the matmul's row count is one too.
+            block = F.pad(block, (0, 0, 0, 0, 0, padded_size(n_block) - n_block))
+            block_gates = self.input_gates(block)
+            for offset in range(n_block):
+                step = block_start + offset
+                n = n_active[step]
+                if n == 0:
+                    break
+                m = padded_size(n)
+                # (2, m, 4*cell): recurrent part for the padded rows; rows >= n are ignored.
+                gates = torch.bmm(hidden[:, :m], self.recurrent_weight)
+                real = gates[:, :n]
+                real.add_(block_gates[:, offset, :n])
+                real[..., : 2 * cell_dim].sigmoid_()  # input and forget gates
+                candidate = real[..., 2 * cell_dim : 3 * cell_dim].tanh_()
+                out_gate = real[..., 3 * cell_dim :].sigmoid_()
+                state = cell[:, :n]
+                state.mul_(real[..., cell_dim : 2 * cell_dim])
+                state.add_(candidate.mul_(real[..., :cell_dim]))
+                if self.cell_clip is not None:
+                    state.clamp_(-self.cell_clip, self.cell_clip)
+                # The candidate's slot now holds the cell output (padded rows: finite junk).
+                candidate.copy_(state).tanh_().mul_(out_gate)
+                new_hidden = torch.bmm(gates[:, :, 2 * cell_dim : 3 * cell_dim], self.projection_weight)
+                real_hidden = new_hidden[:, :n]
+                if self.proj_clip is not None:
+                    real_hidden.clamp_(-self.proj_clip, self.proj_clip)
+                hidden[:, :n] = real_hidden
+                output[:, step, :n] = real_hidden
+            del block_gates
+        return output
+
+
+def _prefix_counts(active: Tensor) -> Optional[List[int]]:
+    """Active rows per step if, at every step, they are the first ones (non-increasing
+    counts: rows sorted by length, longest first); else None."""
+    counts = active.sum(dim=1)
+    rows = torch.arange(active.shape[1], device=active.device)
+    is_prefix = bool(torch.equal(active, rows.unsqueeze(0) < counts.unsqueeze(1)))
+    if not is_prefix or bool((counts[1:] > counts[:-1]).any()):
+        return None
+    return counts.tolist()
+
+
+class _step_threads:
+    """Run the per-step LSTM loop with at most as many intra-op threads as its matmuls
+    can use; restore the caller's count afterwards.
+
+    Each step's ops are small and many (a few MFLOP, tens of microseconds), so
+    extra threads mostly wait at barriers, and on a loaded machine a descheduled
+    thread stalls every step: on a busy 2-core machine 50,000 tokens took 91 s with
+    2 threads vs 0.42 s with 1, and our benchmark (``benchmarks/elmo_speed.py``)
+    measured the loop 3.9x slower with 2 threads than with 1. So a thread is added
+    only per ``STEP_ELEMENTS_PER_THREAD`` elements of per-step cell state (padded
+    rows x cell_dim): one thread for any batch of fewer than 1,024 rows of the
+    published models. The big matmuls outside the loop (char CNN, input gates)
+    keep the caller's count.
+    """
+
+    def __init__(self, step_elements: int) -> None:
+        self.wanted = max(1, step_elements // STEP_ELEMENTS_PER_THREAD)
+
+    def __enter__(self) -> None:
+        self.saved = torch.get_num_threads()
+        if self.wanted < self.saved:
+            torch.set_num_threads(self.wanted)
+
+    def __exit__(self, *exc) -> None:
+        if torch.get_num_threads() != self.saved:
+            torch.set_num_threads(self.saved)
 
 
 class BiProjectionLstm(nn.Module):
@@ -452,6 +611,13 @@ class ElmoBiLM(nn.Module):
         if min_length < 0 or max_length > n_tokens:
             raise ValueError(f"lengths must be in [0, {n_tokens}], got [{min_length}, {max_length}]")
 
+        if not torch.is_grad_enabled() and batch_size > 1 and bool((lengths[1:] > lengths[:-1]).any()):
+            # The inference LSTM loop wants rows sorted longest first (its active
+            # rows are then a prefix of every step); rows are independent, so
+            # sorting and un-sorting changes no value.
+            order = torch.sort(lengths, descending=True, stable=True).indices
+            stacked = self.forward_from_embeddings(token_embeddings[order], lengths[order])
+            return stacked.index_select(1, torch.argsort(order))
         steps = torch.arange(max_length, device=device)
         valid = steps.unsqueeze(0) < lengths.unsqueeze(1)  # (B, max_length)
         tokens = torch.where(valid.unsqueeze(-1), token_embeddings[:, :max_length], 0.0)
