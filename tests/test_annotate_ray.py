@@ -99,7 +99,7 @@ def test_ray_equals_local(ray_local, tiny_bert_dir, corpus, local_out, tmp_path)
         assert b.user_data["id"] == f"doc{i}"
         assert b.user_data.get("meta") == ({"n": i} if i % 7 == 0 else None)
         np.testing.assert_allclose(b._.ctx.vectors, a._.ctx.vectors, atol=1e-5, rtol=0)
-    # The same batches (64 documents, aligned with the 1,024-row blocks): byte-identical DocBins.
+    # The same batches (64 documents; blocks are whole batches): byte-identical DocBins.
     assert identical_shards == len(local_manifest.shards)
     # Vectors equal those of nlp(text) on one document at a time.
     nlp = Annotator(str(tiny_bert_dir)).nlp
@@ -149,6 +149,7 @@ def test_worker_killed_mid_run(ray_local, tiny_bert_dir, corpus, local_out, tmp_
                            annotator_kwargs={"pid_dir": str(pid_dir)})
     killer.join()
     assert killed, "no actor was killed"
+    assert len({int(p.stem) for p in pid_dir.glob("*.pid")}) >= 2  # the blocks were spread
     started = {int(p.stem) for p in pid_dir.glob("*.started")}
     assert killed[0] in started
     assert len(started) >= 3, f"the killed actor was not restarted: {started}"  # 2 actors + 1
@@ -199,3 +200,33 @@ def test_shard_assembler_out_of_order_and_duplicates():
     assert assembler.duplicates == 2 and assembler.missing() == {}
     with pytest.raises(ValueError):
         assembler.add(3, b"3")  # shard 1 is not part of this run (finished before)
+
+
+def test_scale_benchmark_rows_and_efficiency():
+    """benchmarks/scale.py's row specs, scaling efficiency and table (no run: that is the
+    benchmark's job)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "scale.py"
+    spec = importlib.util.spec_from_file_location("scale_benchmark", path)
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    assert scale.parse_row("local") == ("local", 1, 0)
+    assert scale.parse_row("ray:2") == ("ray", 2, 0)
+    assert scale.parse_row("ray:1:gpu") == ("ray", 1, 1)
+    with pytest.raises(SystemExit):
+        scale.parse_row("ray:0")
+
+    def row(name, engine, workers, docs_per_s, gpus=0):
+        return {"row": name, "engine": engine, "workers": workers, "gpus_per_worker": gpus, "docs": 10,
+                "seconds": 1.0, "startup_s": 0.5, "wall_s": 2.0, "docs_per_s": docs_per_s,
+                "words_per_s": 10 * docs_per_s, "steady_docs_per_s": docs_per_s,
+                "steady_words_per_s": 10 * docs_per_s}
+
+    rows = [row("local", "local", 1, 5.0), row("ray:1", "ray", 1, 4.0), row("ray:2", "ray", 2, 6.0),
+            row("ray:1:gpu", "ray", 1, 40.0, gpus=1), {"row": "ray:4", "error": "boom"}]
+    scale.add_efficiency(rows)
+    assert rows[1]["efficiency"] == 1.0 and rows[2]["efficiency"] == pytest.approx(6.0 / (2 * 4.0))
+    assert "efficiency" not in rows[3] and rows[3]["vs_local"] == pytest.approx(8.0)
+    table = scale.format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "failed: boom" in table

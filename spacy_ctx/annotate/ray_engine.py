@@ -6,7 +6,7 @@ data does):
 1. The driver reads the inputs once with :func:`~.inputs.iter_records` (the same
    reader, numbering and skipped-line accounting as the local engine), keeps the
    records of the shards still to do and puts them into the object store in
-   blocks of ``block_size`` rows (pandas frames with the columns ``index``,
+   blocks of a few whole batches (pandas frames with the columns ``index``,
    ``text``, ``meta``, ``id``). Driver memory stays flat: a block is handed to
    Ray as soon as it is full, and Ray spills the object store to disk when it
    outgrows memory. On a cluster the blocks live in the distributed object
@@ -46,9 +46,11 @@ __all__ = [
     "ray_requirement_error",
 ]
 
-# Rows per object-store block: large enough that the per-block overhead is small,
-# small enough that the actors get work early and the driver's buffer stays small.
-DEFAULT_BLOCK_SIZE = 1024
+# Batches per object-store block. A block is Ray Data's unit of work for an actor (one
+# task, whose results come back together), so blocks must be small enough that every
+# actor gets some and results stream back, and large enough that the per-object
+# overhead of the object store stays small (one object per 4 batches).
+DEFAULT_BLOCK_BATCHES = 4
 
 
 def ray_requirement_error() -> str:
@@ -77,10 +79,28 @@ class RayRunStats:
     gpus_per_worker: float = 0.0
     read_seconds: float = 0.0
     annotate_seconds: float = 0.0
+    # Time to the first result batch (the actors' start and pipeline load), and the
+    # documents/words after it: throughput without the start-up cost.
+    startup_seconds: float = 0.0
+    steady_documents: int = 0
+    steady_words: int = 0
+
+    @property
+    def steady_docs_per_s(self) -> float:
+        """Documents per second after the first result batch."""
+        span = self.annotate_seconds - self.startup_seconds
+        return self.steady_documents / span if span > 0 else 0.0
+
+    @property
+    def steady_words_per_s(self) -> float:
+        """Words per second after the first result batch."""
+        span = self.annotate_seconds - self.startup_seconds
+        return self.steady_words / span if span > 0 else 0.0
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready summary (for the manifest's run record)."""
-        return dict(self.__dict__)
+        """JSON-ready summary."""
+        return {**self.__dict__, "steady_docs_per_s": self.steady_docs_per_s,
+                "steady_words_per_s": self.steady_words_per_s}
 
 
 class ShardAssembler:
@@ -163,7 +183,7 @@ def annotate_records_ray(
     done_shards: Optional[Iterable[int]] = None,
     annotator_cls: Optional[type] = None,
     annotator_kwargs: Optional[Mapping[str, Any]] = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: Optional[int] = None,
     ray_remote_args: Optional[Mapping[str, Any]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> RayRunStats:
@@ -184,7 +204,9 @@ def annotate_records_ray(
     ``cuda:0`` (``gpu_id`` is set to 0 unless given). ``cpus_per_worker`` is the CPU
     reservation per actor (Ray also sets the actor's OpenMP threads to it).
     ``ray_remote_args``: extra actor options (e.g. ``{"max_restarts": 3}``).
-    ``progress(docs, words)`` is called after every result batch.
+    ``block_size``: rows per object-store block (rounded up to whole batches; default
+    ``DEFAULT_BLOCK_BATCHES`` batches). ``progress(docs, words)`` is called after every
+    result batch with the distinct documents and words back so far.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -215,6 +237,7 @@ def annotate_records_ray(
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     # Whole batches per block: the actors then see the same batches as the local engine
     # (documents i*batch_size ... of the pending records), which gives identical vectors.
+    block_size = DEFAULT_BLOCK_BATCHES * batch_size if block_size is None else block_size
     block_size = max(1, -(-block_size // batch_size)) * batch_size
     t0 = time.perf_counter()
     refs = [ray.put(frame) for frame in _blocks(todo(), block_size)]
@@ -236,23 +259,33 @@ def annotate_records_ray(
         **dict(ray_remote_args or {}),
     )
     t0 = time.perf_counter()
+    first = True
+    received = 0  # distinct documents back (shards are written, and counted, when complete)
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         words = batch.get("n_words")
         words = [0] * len(batch["index"]) if words is None else words.tolist()
+        if first:
+            stats.startup_seconds = time.perf_counter() - t0
+            first_docs, first_words = len(words), sum(words)
+            first = False
         for index, row, n_words in zip(batch["index"].tolist(), batch["docbin"], words):
             before = assembler.duplicates
             complete = assembler.add(index, row)
             if assembler.duplicates == before:
                 stats.words += int(n_words)
+                received += 1
             if complete is not None:
                 k, indices, rows, seconds = complete
                 writer.write(k, indices, rows, seconds=seconds)
                 stats.shards += 1
                 stats.documents += len(rows)
         if progress is not None:
-            progress(stats.documents, stats.words)
+            progress(received, stats.words)
     stats.annotate_seconds = time.perf_counter() - t0
     stats.duplicates = assembler.duplicates
+    if not first:
+        stats.steady_documents = max(stats.documents - first_docs, 0)
+        stats.steady_words = max(stats.words - first_words, 0)
     missing = assembler.missing()
     if missing:  # never write a partial shard; a rerun redoes exactly these
         raise SpacyCtxError(
@@ -311,7 +344,9 @@ def annotate_ray(
     documents are annotated by ``workers`` Ray actors (see
     :func:`annotate_records_ray`); ``annotator_cls(model, overrides=...,
     **annotator_kwargs)`` (default :class:`~.worker.Annotator`) is what each actor builds. Returns the same summary as the local engine,
-    plus ``workers`` and ``duplicates`` (results of retried batches dropped).
+    plus ``workers``, ``duplicates`` (results of retried batches dropped),
+    ``startup_seconds`` (to the first result: actor start and pipeline load) and the
+    ``steady_docs_per_s``/``steady_words_per_s`` after it.
     """
     from .inputs import InputStats, count_rows, expand_inputs, iter_records
     from .local import Progress
@@ -371,7 +406,8 @@ def annotate_ray(
     seconds = time.perf_counter() - t0
     manifest.finish(stats.documents, stats.to_dict())
     manifest.end_run(run, documents=result.documents, words=result.words, shards_written=writer.written,
-                     duplicates=result.duplicates, read_seconds=round(result.read_seconds, 3))
+                     duplicates=result.duplicates, read_seconds=round(result.read_seconds, 3),
+                     startup_seconds=round(result.startup_seconds, 3))
     return {
         "output": str(output),
         "documents": stats.documents,
@@ -385,4 +421,7 @@ def annotate_ray(
         "words_per_s": result.words / seconds if seconds > 0 else 0.0,
         "workers": workers,
         "duplicates": result.duplicates,
+        "startup_seconds": result.startup_seconds,
+        "steady_docs_per_s": result.steady_docs_per_s,
+        "steady_words_per_s": result.steady_words_per_s,
     }
