@@ -95,6 +95,29 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _find_malloc_trim() -> Optional[Any]:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand free heap pages back to the OS (glibc ``malloc_trim(0)``; no-op elsewhere).
+
+    Batches of varying shapes leave the heap fragmented; without this the resident
+    memory of a long run creeps up (about +60 MB over 30,000 short documents with a
+    tiny BERT), with it it stays flat. Called once per shard, so the cost is noise.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def current_rss_mb() -> Optional[float]:
     """This process's resident memory in MiB (Linux ``/proc``; None elsewhere)."""
     try:
@@ -357,8 +380,11 @@ class ShardWriter:
             "seconds": None if seconds is None else round(seconds, 3),
             "written": _now(),
             # The writer's resident memory after the shard: flat over a run when nothing leaks.
-            "rss_mb": current_rss_mb(),
+            "rss_mb": None,
         }
+        del merged, data
+        release_free_memory()
+        info["rss_mb"] = current_rss_mb()
         self.manifest.record_shard(info)
         self.written += 1
         if self._exit_after is not None and self.written >= self._exit_after:
