@@ -89,7 +89,9 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
     n_words = sum(1 for doc in docs for t in doc if not t.is_space)
     times: List[float] = []
     with torch.no_grad():
-        backend.encode_docs(docs[: min(len(docs), 8)], max_batch_tokens=args.max_batch_tokens)  # warm-up
+        # Warm-up: a few Docs, or all of them when the word cache is to be warm.
+        warm_docs = docs if args.warm_cache else docs[: min(len(docs), 8)]
+        backend.encode_docs(warm_docs, max_batch_tokens=args.max_batch_tokens)
         for _ in range(args.repeats):
             if not args.warm_cache:
                 backend.word_cache.clear()

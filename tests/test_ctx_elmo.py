@@ -366,3 +366,21 @@ def test_segment_stats_match_what_is_encoded(tiny_files: Files, monkeypatch: pyt
     assert stats["n_tokens"] == sum(1 for doc in docs for t in doc if not t.is_space)
     assert stats["n_batches"] == len(seen)
     assert stats["n_padded_positions"] == sum(rows * longest for rows, longest, _ in seen)
+
+
+def test_elmo_speed_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/elmo_speed.py runs end to end (tiny preset, a few sentences) and
+    writes its JSON with one row per source tree."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "speed.json"
+    subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "elmo_speed.py"), "--preset", "tiny", "--n-sents", "6",
+         "--repeats", "1", "--threads", "1", "--cache", str(tmp_path / "models"), "--out", str(out)],
+        check=True, capture_output=True, text=True, cwd=repo,
+    )
+    record = json.loads(out.read_text(encoding="utf-8"))
+    [row] = record["rows"]
+    assert row["n_sents"] == 6 and row["n_words"] > 0 and row["median_words_per_s"] > 0

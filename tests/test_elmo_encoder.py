@@ -560,7 +560,8 @@ def test_trimmed_char_cnn_equals_full_width(tiny_model: ElmoBiLM) -> None:
     """Inference convolves only a word's own positions (plus one padding window): the
     same embeddings as the full 50 positions (the autograd path), and a word's row
     does not depend on how long the other words of its batch are."""
-    words = ["a", "cat", "extraordinarily", "東京", "🙂", "x" * 60, "naïve", "of"] + [f"w{k}" for k in range(30)]
+    words = ["a", "cat", "extraordinarily", "東京", "🙂", "x" * 60, "naïve", "of"]
+    words += [f"w{k}" for k in range(30)]
     ids = torch.from_numpy(elmo_char_ids(words))
     ids = torch.cat([ids, torch.zeros(1, CHARS_PER_TOKEN, dtype=torch.long)])  # a padding token
     with torch.enable_grad():
@@ -579,7 +580,9 @@ def test_char_cnn_trims_positions(tiny_model: ElmoBiLM, monkeypatch: pytest.Monk
     widths: List[int] = []
     original = tiny_model.char_encoder._embed_chunk
     monkeypatch.setattr(
-        tiny_model.char_encoder, "_embed_chunk", lambda chunk: widths.append(chunk.shape[1]) or original(chunk)
+        tiny_model.char_encoder,
+        "_embed_chunk",
+        lambda chunk: widths.append(chunk.shape[1]) or original(chunk),
     )
     with torch.no_grad():
         tiny_model.token_embeddings(torch.from_numpy(elmo_char_ids(["a", "ab", "x" * 60])))

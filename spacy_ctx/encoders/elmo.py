@@ -214,7 +214,10 @@ class ElmoCharEncoder(nn.Module):
         if char_ids.shape[0] <= chunk:
             return self._embed_chunk(char_ids)
         return torch.cat(
-            [self._embed_chunk(char_ids[start : start + chunk]) for start in range(0, char_ids.shape[0], chunk)]
+            [
+                self._embed_chunk(char_ids[start : start + chunk])
+                for start in range(0, char_ids.shape[0], chunk)
+            ]
         )
 
     def _embed_chunk(self, char_ids: Tensor) -> Tensor:
