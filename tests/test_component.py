@@ -425,9 +425,9 @@ def spy_encoder_batches(
     if family.name == "bert":
         encode_batch = backend._encode_batch
 
-        def bert_spy(windows):
+        def bert_spy(windows, *args, **kwargs):
             batches.append([len(ids) for ids in windows])
-            return encode_batch(windows)
+            return encode_batch(windows, *args, **kwargs)
 
         monkeypatch.setattr(backend, "_encode_batch", bert_spy)
     else:
