@@ -156,9 +156,9 @@ def _record_encoder_calls(backend: TransformerBackend, monkeypatch) -> List[tupl
     calls: List[tuple] = []
     original = backend.encoder.forward
 
-    def recording(input_ids, attention_mask=None):
+    def recording(input_ids, attention_mask=None, **kwargs):
         calls.append((tuple(input_ids.shape), int(attention_mask.sum())))
-        return original(input_ids, attention_mask)
+        return original(input_ids, attention_mask, **kwargs)
 
     monkeypatch.setattr(backend.encoder, "forward", recording)
     return calls
