@@ -42,7 +42,7 @@ from .config import (
     require_keys,
     require_object,
 )
-from .family import Family, TransformerEncoder, register_family
+from .family import Family, TransformerEncoder, register_family, register_prefixed_family
 
 # (low, high) for every integer setting of BertConfig.
 _INT_LIMITS = {
@@ -435,73 +435,58 @@ def _positions(config: FamilyConfig) -> int:
     return config.max_positions
 
 
-BERT = register_family(
-    Family(
-        name="bert",
-        model_types=("bert",),
-        read_config=read_bert_config,
-        build=BertEncoder,
-        usable_positions=_positions,
-        prefixes=("bert.", ""),
-        names=BERT_NAMES,
-        skipped=_SKIPPED,
-        heads=(r"^cls\.",),
-        tokenizer_kind="wordpiece",
-    )
+def _register(name: str, **settings: Any) -> Family:
+    """A BERT-shaped family: the encoder under ``<name>.``, windows up to
+    ``config.max_positions``, the pooler and old buffers skipped (unless
+    ``settings`` say otherwise)."""
+    settings = {"usable_positions": _positions, "skipped": _SKIPPED, **settings}
+    return register_prefixed_family(name, f"{name}.", **settings)
+
+
+BERT = _register(
+    "bert",
+    read_config=read_bert_config,
+    build=BertEncoder,
+    names=BERT_NAMES,
+    heads=(r"^cls\.",),
+    tokenizer_kind="wordpiece",
 )
-ROBERTA = register_family(
-    Family(
-        name="roberta",
-        model_types=("roberta",),
-        read_config=read_roberta_config,
-        build=RobertaEncoder,
-        usable_positions=_positions,
-        prefixes=("roberta.", ""),
-        names=BERT_NAMES,
-        skipped=_SKIPPED,
-        heads=(r"^lm_head\.",),
-        tokenizer_kind="bpe",
-    )
+ROBERTA = _register(
+    "roberta",
+    read_config=read_roberta_config,
+    build=RobertaEncoder,  # its own position ids
+    names=BERT_NAMES,
+    heads=(r"^lm_head\.",),
+    tokenizer_kind="bpe",
 )
 # XLM-R and CamemBERT: RoBERTa's module and names (their checkpoints use the
 # ``roberta.`` prefix too) with a SentencePiece (Unigram) tokenizer.
 XLM_ROBERTA = register_family(replace(ROBERTA, model_types=("xlm-roberta",), tokenizer_kind="unigram"))
 CAMEMBERT = register_family(replace(ROBERTA, model_types=("camembert",), tokenizer_kind="unigram"))
-ELECTRA = register_family(
-    Family(
-        name="electra",
-        model_types=("electra",),
-        read_config=read_electra_config,
-        build=BertEncoder,
-        usable_positions=_positions,
-        prefixes=("electra.", ""),
-        names=ELECTRA_NAMES,
-        skipped=_SKIPPED,
-        heads=(
-            r"^discriminator_predictions\.",
-            r"^generator_predictions\.",
-            r"^generator_lm_head\.",
-            r"^sequence_summary\.",
-        ),
-        tokenizer_kind="wordpiece",
-    )
+ELECTRA = _register(
+    "electra",
+    read_config=read_electra_config,
+    build=BertEncoder,
+    names=ELECTRA_NAMES,  # BERT's plus the embedding projection
+    heads=(
+        r"^discriminator_predictions\.",
+        r"^generator_predictions\.",
+        r"^generator_lm_head\.",
+        r"^sequence_summary\.",
+    ),
+    tokenizer_kind="wordpiece",
 )
-DISTILBERT = register_family(
-    Family(
-        name="distilbert",
-        model_types=("distilbert",),
-        read_config=read_distilbert_config,
-        build=BertEncoder,
-        usable_positions=_positions,
-        prefixes=("distilbert.", ""),
-        names=DISTILBERT_NAMES,
-        skipped=(r"^embeddings\.position_ids$",),
-        heads=(
-            r"^vocab_transform\.",
-            r"^vocab_layer_norm\.",
-            r"^vocab_projector\.",
-            r"^pre_classifier\.",
-        ),
-        tokenizer_kind="wordpiece",
-    )
+DISTILBERT = _register(
+    "distilbert",
+    read_config=read_distilbert_config,
+    build=BertEncoder,
+    names=DISTILBERT_NAMES,
+    skipped=(r"^embeddings\.position_ids$",),  # no pooler, no token types
+    heads=(
+        r"^vocab_transform\.",
+        r"^vocab_layer_norm\.",
+        r"^vocab_projector\.",
+        r"^pre_classifier\.",
+    ),
+    tokenizer_kind="wordpiece",
 )

@@ -72,7 +72,7 @@ from .config import (
     require_keys,
     require_object,
 )
-from .family import Family, TransformerEncoder, register_family
+from .family import TransformerEncoder, register_prefixed_family
 
 POSITION_TERMS = ("c2p", "p2c")
 _REL_NORMS = ("none", "layer_norm")
@@ -633,17 +633,14 @@ def _positions(config: DebertaV2Config) -> int:
     return config.max_positions
 
 
-DEBERTA_V2 = register_family(
-    Family(
-        name="deberta-v2",
-        model_types=("deberta-v2",),
-        read_config=read_deberta_config,
-        build=DebertaV2Encoder,
-        usable_positions=_positions,
-        prefixes=("deberta.", ""),
-        names=DEBERTA_NAMES,
-        skipped=(r"^embeddings\.position_ids$",),
-        heads=DEBERTA_HEADS,
-        tokenizer_kind="unigram",
-    )
+DEBERTA_V2 = register_prefixed_family(
+    "deberta-v2",
+    "deberta.",
+    read_config=read_deberta_config,
+    build=DebertaV2Encoder,
+    usable_positions=_positions,
+    names=DEBERTA_NAMES,
+    skipped=(r"^embeddings\.position_ids$",),
+    heads=DEBERTA_HEADS,
+    tokenizer_kind="unigram",
 )

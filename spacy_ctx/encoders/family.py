@@ -176,6 +176,13 @@ def register_family(family: Family) -> Family:
     return family
 
 
+def register_prefixed_family(name: str, prefix: str, **settings: Any) -> Family:
+    """Register the family ``name`` (also its only ``model_type``) whose checkpoints
+    hold the encoder under ``prefix`` (a model with a task head) or bare (a base
+    model). ``settings`` are the other :class:`Family` fields."""
+    return register_family(Family(name=name, model_types=(name,), prefixes=(prefix, ""), **settings))
+
+
 def _import_all() -> None:
     import importlib
     import importlib.util

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .blocks import ACTIVATIONS, FeedForward, PreNormLayer, SelfAttention, causal_mask, layer_norm
-from .family import Family, TransformerEncoder, register_family
+from .family import TransformerEncoder, register_prefixed_family
 
 # Generous bounds on single values (as in ``bert.py``): they turn absurd values into
 # a message naming the key; the model's real size is checked against the weights.
@@ -305,32 +305,29 @@ _NAMES = (
     ("ln_f.", "final_norm."),
 )
 
-GPT2 = register_family(
-    Family(
-        name="gpt2",
-        model_types=("gpt2",),
-        read_config=read_config,
-        build=Gpt2Encoder,
-        usable_positions=lambda config: config.max_position_embeddings,
-        prefixes=("transformer.", ""),
-        names=_NAMES,
-        # Old checkpoints carry the causal mask as buffers; we build our own.
-        skipped=(r"^h\.\d+\.attn\.bias$", r"^h\.\d+\.attn\.masked_bias$"),
-        heads=(
-            r"^lm_head\.",
-            r"^score\.",
-            r"^multiple_choice_head\.",
-            r"^qa_outputs\.",
-            r"^classifier\.",
-        ),
-        # Conv1D weights are (in, out); nn.Linear's are (out, in).
-        transposed=(
-            r"\.attention\.qkv\.weight$",
-            r"\.attention\.out\.weight$",
-            r"\.ffn\.inner\.weight$",
-            r"\.ffn\.outer\.weight$",
-        ),
-        causal=True,
-        tokenizer_kind="bpe",
-    )
+GPT2 = register_prefixed_family(
+    "gpt2",
+    "transformer.",
+    read_config=read_config,
+    build=Gpt2Encoder,
+    usable_positions=lambda config: config.max_position_embeddings,
+    names=_NAMES,
+    # Old checkpoints carry the causal mask as buffers; we build our own.
+    skipped=(r"^h\.\d+\.attn\.bias$", r"^h\.\d+\.attn\.masked_bias$"),
+    heads=(
+        r"^lm_head\.",
+        r"^score\.",
+        r"^multiple_choice_head\.",
+        r"^qa_outputs\.",
+        r"^classifier\.",
+    ),
+    # Conv1D weights are (in, out); nn.Linear's are (out, in).
+    transposed=(
+        r"\.attention\.qkv\.weight$",
+        r"\.attention\.out\.weight$",
+        r"\.ffn\.inner\.weight$",
+        r"\.ffn\.outer\.weight$",
+    ),
+    causal=True,
+    tokenizer_kind="bpe",
 )

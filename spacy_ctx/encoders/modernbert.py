@@ -43,7 +43,7 @@ from .blocks import (
     rotary_cos_sin,
     sliding_window_mask,
 )
-from .family import Family, TransformerEncoder, register_family
+from .family import TransformerEncoder, register_prefixed_family
 
 GLOBAL = "full_attention"
 LOCAL = "sliding_attention"
@@ -382,29 +382,26 @@ class ModernBertEncoder(TransformerEncoder):
         return outputs
 
 
-MODERNBERT = register_family(
-    Family(
-        name="modernbert",
-        model_types=("modernbert",),
-        read_config=lambda data, source: ModernBertConfig.from_dict(data, source=source),
-        build=ModernBertEncoder,
-        usable_positions=lambda config: config.max_position_embeddings,
-        prefixes=("model.", ""),
-        names=(
-            ("embeddings.tok_embeddings.", "embeddings.tok_embeddings."),
-            ("embeddings.norm.", "embeddings.norm."),
-            ("layers.{n}.attn_norm.", "layers.{n}.attention_norm."),
-            ("layers.{n}.attn.Wqkv.", "layers.{n}.attention.qkv."),
-            ("layers.{n}.attn.Wo.", "layers.{n}.attention.out."),
-            ("layers.{n}.mlp_norm.", "layers.{n}.ffn_norm."),
-            ("layers.{n}.mlp.Wi.", "layers.{n}.ffn.inner."),
-            ("layers.{n}.mlp.Wo.", "layers.{n}.ffn.outer."),
-            ("final_norm.", "final_norm."),
-        ),
-        # ModernBertForMaskedLM: head.dense/head.norm + decoder (tied to the
-        # embeddings, usually not saved); the classification/QA/multiple-choice
-        # models: head + classifier.
-        heads=(r"^head\.", r"^decoder\.", r"^classifier\."),
-        tokenizer_kind="bpe",
-    )
+MODERNBERT = register_prefixed_family(
+    "modernbert",
+    "model.",
+    read_config=lambda data, source: ModernBertConfig.from_dict(data, source=source),
+    build=ModernBertEncoder,
+    usable_positions=lambda config: config.max_position_embeddings,
+    names=(
+        ("embeddings.tok_embeddings.", "embeddings.tok_embeddings."),
+        ("embeddings.norm.", "embeddings.norm."),
+        ("layers.{n}.attn_norm.", "layers.{n}.attention_norm."),
+        ("layers.{n}.attn.Wqkv.", "layers.{n}.attention.qkv."),
+        ("layers.{n}.attn.Wo.", "layers.{n}.attention.out."),
+        ("layers.{n}.mlp_norm.", "layers.{n}.ffn_norm."),
+        ("layers.{n}.mlp.Wi.", "layers.{n}.ffn.inner."),
+        ("layers.{n}.mlp.Wo.", "layers.{n}.ffn.outer."),
+        ("final_norm.", "final_norm."),
+    ),
+    # ModernBertForMaskedLM: head.dense/head.norm + decoder (tied to the
+    # embeddings, usually not saved); the classification/QA/multiple-choice
+    # models: head + classifier.
+    heads=(r"^head\.", r"^decoder\.", r"^classifier\."),
+    tokenizer_kind="bpe",
 )
