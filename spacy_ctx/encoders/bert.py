@@ -31,12 +31,14 @@ from .config import (
     MAX_DIM,
     MAX_LAYERS,
     check_activation,
+    check_bert_settings,
     check_bool,
     check_divisible,
-    check_eps,
-    check_int,
+    check_int_fields,
+    check_pad_token,
     check_probability,
     check_str,
+    is_int,
     pick,
     read_config_file,
     require_keys,
@@ -56,7 +58,6 @@ _INT_LIMITS = {
     "pad_token_id": (0, MAX_DIM),
     "embedding_size": (1, MAX_DIM),
 }
-_PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 # Keys where Hugging Face writes null for "the default".
 _NULLABLE = ("pad_token_id", "hidden_dropout_prob", "attention_probs_dropout_prob", "embedding_size")
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
@@ -93,22 +94,9 @@ class BertConfig:
     def __post_init__(self) -> None:
         source = self.source
         if self.embedding_size is None:
-            self.embedding_size = self.hidden_size if _is_plain_int(self.hidden_size) else None
-        for key, (low, high) in _INT_LIMITS.items():
-            check_int(getattr(self, key), key, low, high, source)
-        for key in _PROBABILITIES:
-            check_probability(getattr(self, key), key, source)
-        check_eps(self.layer_norm_eps, "layer_norm_eps", source)
-        check_activation(self.hidden_act, "hidden_act", source)
-        check_str(self.model_type, "model_type", source)
-        check_divisible(
-            self.hidden_size, "hidden_size", self.num_attention_heads, "num_attention_heads", source
-        )
-        if self.pad_token_id >= self.vocab_size:
-            raise CheckpointError(
-                f"{source}: pad_token_id={self.pad_token_id} is outside the vocabulary "
-                f"(vocab_size={self.vocab_size})."
-            )
+            self.embedding_size = self.hidden_size if is_int(self.hidden_size) else None
+        check_int_fields(self, _INT_LIMITS, source)
+        check_bert_settings(self, source)
         if self.model_type in ROBERTA_TYPES and self.max_positions < 3:
             raise CheckpointError(
                 f"{source}: max_position_embeddings={self.max_position_embeddings} leaves "
@@ -168,10 +156,6 @@ class BertConfig:
         return data
 
 
-def _is_plain_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 # -- DistilBERT's config ------------------------------------------------------------------
 _DISTIL_INTS = {
     "vocab_size": (1, MAX_DIM),
@@ -212,19 +196,14 @@ class DistilBertConfig:
 
     def __post_init__(self) -> None:
         source = self.source
-        for key, (low, high) in _DISTIL_INTS.items():
-            check_int(getattr(self, key), key, low, high, source)
+        check_int_fields(self, _DISTIL_INTS, source)
         check_probability(self.dropout, "dropout", source)
         check_probability(self.attention_dropout, "attention_dropout", source)
         check_activation(self.activation, "activation", source)
         check_bool(self.sinusoidal_pos_embds, "sinusoidal_pos_embds", source)
         check_str(self.model_type, "model_type", source)
         check_divisible(self.dim, "dim", self.n_heads, "n_heads", source)
-        if self.pad_token_id >= self.vocab_size:
-            raise CheckpointError(
-                f"{source}: pad_token_id={self.pad_token_id} is outside the vocabulary "
-                f"(vocab_size={self.vocab_size})."
-            )
+        check_pad_token(self.pad_token_id, self.vocab_size, source)
 
     hidden_size = property(lambda self: self.dim)
     embedding_size = property(lambda self: self.dim)

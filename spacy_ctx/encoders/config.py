@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterable, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 from ..errors import CheckpointError
 from .blocks import ACTIVATIONS
@@ -30,6 +30,7 @@ def is_int(value: Any) -> bool:
 
 
 def is_number(value: Any) -> bool:
+    """An int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -42,6 +43,19 @@ def check_int(value: Any, key: str, low: int, high: int, source: str) -> int:
     if not low <= value <= high:
         raise CheckpointError(f"{source}: {key}={value} must be between {low} and {high}.")
     return value
+
+
+def check_int_fields(
+    config: Any,
+    limits: Mapping[str, Sequence[Any]],
+    source: str,
+    key_name: Optional[Callable[[str], str]] = None,
+) -> None:
+    """Check the int attributes of ``config`` that ``limits`` names, each against its
+    ``(low, high, ...)``; ``key_name`` gives the config.json key a message names
+    (default: the attribute's own name)."""
+    for key, (low, high, *_) in limits.items():
+        check_int(getattr(config, key), key_name(key) if key_name else key, low, high, source)
 
 
 def check_probability(value: Any, key: str, source: str) -> float:
@@ -68,22 +82,58 @@ def check_activation(value: Any, key: str, source: str) -> str:
 
 
 def check_bool(value: Any, key: str, source: str) -> bool:
+    """A JSON ``true``/``false``."""
     if not isinstance(value, bool):
         raise CheckpointError(f"{source}: {key}={value!r} must be true or false.")
     return value
 
 
 def check_str(value: Any, key: str, source: str) -> str:
+    """A string."""
     if not isinstance(value, str):
         raise CheckpointError(f"{source}: {key}={value!r} must be a string.")
     return value
 
 
 def check_divisible(width: int, width_key: str, heads: int, heads_key: str, source: str) -> None:
+    """``width`` must split evenly into ``heads`` (attention heads, groups)."""
     if width % heads:
         raise CheckpointError(
             f"{source}: {width_key}={width} is not divisible by {heads_key}={heads}."
         )
+
+
+def check_pad_token(pad_token_id: int, vocab_size: int, source: str, hint: str = "") -> None:
+    """``pad_token_id`` must index the vocabulary; ``hint`` (e.g. "; remove it") is
+    appended to the message before its full stop."""
+    if pad_token_id >= vocab_size:
+        raise CheckpointError(
+            f"{source}: pad_token_id={pad_token_id} is outside the vocabulary "
+            f"(vocab_size={vocab_size}){hint}."
+        )
+
+
+def check_bert_settings(config: Any, source: str) -> None:
+    """The checks every config with BERT's key names shares: the two dropout
+    probabilities, ``layer_norm_eps``, ``hidden_act``, ``model_type``, heads that
+    divide ``hidden_size``, and ``pad_token_id`` inside the vocabulary. The integer
+    ranges (:func:`check_int_fields`) must be checked first."""
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        check_probability(getattr(config, key), key, source)
+    check_eps(config.layer_norm_eps, "layer_norm_eps", source)
+    check_activation(config.hidden_act, "hidden_act", source)
+    check_str(config.model_type, "model_type", source)
+    check_divisible(
+        config.hidden_size, "hidden_size", config.num_attention_heads, "num_attention_heads", source
+    )
+    check_pad_token(config.pad_token_id, config.vocab_size, source)
+
+
+def setting(data: Dict[str, Any], key: str, default: Any) -> Any:
+    """``data[key]``, or ``default`` when it is missing or null (Hugging Face writes
+    null for "the default")."""
+    found = data.get(key)
+    return default if found is None else found
 
 
 def require_object(data: Any, source: str) -> Dict[str, Any]:
@@ -96,6 +146,7 @@ def require_object(data: Any, source: str) -> Dict[str, Any]:
 
 
 def require_keys(data: Dict[str, Any], keys: Iterable[str], source: str) -> None:
+    """Every key of ``keys`` must be in ``data``."""
     for key in keys:
         if key not in data:
             raise CheckpointError(f"{source}: the required key '{key}' is missing.")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
@@ -62,15 +63,15 @@ from .config import (
     MAX_DIM,
     MAX_LAYERS,
     check_activation,
+    check_bert_settings,
     check_bool,
     check_divisible,
-    check_eps,
     check_int,
-    check_probability,
-    check_str,
+    check_int_fields,
     is_int,
     require_keys,
     require_object,
+    setting,
 )
 from .family import TransformerEncoder, register_prefixed_family
 
@@ -145,26 +146,13 @@ class DebertaV2Config:
         source = self.source
         if self.embedding_size is None and is_int(self.hidden_size):
             self.embedding_size = self.hidden_size
-        for key, (low, high, _) in _INTS.items():
-            check_int(getattr(self, key), key, low, high, source)
+        check_int_fields(self, _INTS, source)
         check_int(self.embedding_size, "embedding_size", 1, MAX_DIM, source)
-        for key in _PROBABILITIES:
-            check_probability(getattr(self, key), key, source)
+        check_bert_settings(self, source)
         for key in _FLAGS:
             check_bool(getattr(self, key), key, source)
-        check_eps(self.layer_norm_eps, "layer_norm_eps", source)
-        check_activation(self.hidden_act, "hidden_act", source)
-        check_str(self.model_type, "model_type", source)
         self.pos_att_type = _position_terms(self.pos_att_type, source)
         self.norm_rel_ebd = _rel_norms(self.norm_rel_ebd, source)
-        check_divisible(
-            self.hidden_size, "hidden_size", self.num_attention_heads, "num_attention_heads", source
-        )
-        if self.pad_token_id >= self.vocab_size:
-            raise CheckpointError(
-                f"{source}: pad_token_id={self.pad_token_id} is outside the vocabulary "
-                f"(vocab_size={self.vocab_size})."
-            )
         if self.relative_attention and self.position_buckets > 0:
             half = self.position_buckets // 2
             if half < 1:
@@ -242,11 +230,7 @@ class DebertaV2Config:
                 "hidden_size / num_attention_heads are not supported."
             )
 
-        def value(key: str, default: Any) -> Any:
-            # Hugging Face writes null for "the default".
-            found = data.get(key)
-            return default if found is None else found
-
+        value = partial(setting, data)  # a missing or null key: the default
         values: Dict[str, Any] = {key: value(key, d) for key, (_, _, d) in _INTS.items()}
         values.update({key: value(key, d) for key, d in _PROBABILITIES.items()})
         values.update({key: value(key, d) for key, d in _FLAGS.items()})

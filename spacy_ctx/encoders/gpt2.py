@@ -17,7 +17,6 @@ GPT-2's projections are ``Conv1D`` modules whose weights are stored transposed,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Dict, List, Optional
@@ -26,13 +25,22 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .blocks import ACTIVATIONS, FeedForward, PreNormLayer, SelfAttention, causal_mask, layer_norm
+from .blocks import FeedForward, PreNormLayer, SelfAttention, causal_mask, layer_norm
+from .config import (
+    MAX_DIM,
+    MAX_LAYERS,
+    check_activation,
+    check_bool,
+    check_divisible,
+    check_eps,
+    check_int_fields,
+    check_pad_token,
+    check_probability,
+    check_str,
+    is_int,
+    require_object,
+)
 from .family import TransformerEncoder, register_prefixed_family
-
-# Generous bounds on single values (as in ``bert.py``): they turn absurd values into
-# a message naming the key; the model's real size is checked against the weights.
-_MAX_DIM = 1 << 24
-_MAX_LAYERS = 1024
 
 # Our field -> the config.json key it is read from (then the HF attribute alias,
 # which GPT2Config also accepts when it is written out by other tools).
@@ -53,13 +61,13 @@ _KEYS = {
     "model_type": ("model_type",),
 }
 _INT_LIMITS = {
-    "vocab_size": (1, _MAX_DIM),
-    "hidden_size": (1, _MAX_DIM),
-    "num_hidden_layers": (1, _MAX_LAYERS),
-    "num_attention_heads": (1, _MAX_DIM),
-    "max_position_embeddings": (1, _MAX_DIM),
-    "intermediate_size": (1, _MAX_DIM),
-    "pad_token_id": (0, _MAX_DIM),
+    "vocab_size": (1, MAX_DIM),
+    "hidden_size": (1, MAX_DIM),
+    "num_hidden_layers": (1, MAX_LAYERS),
+    "num_attention_heads": (1, MAX_DIM),
+    "max_position_embeddings": (1, MAX_DIM),
+    "intermediate_size": (1, MAX_DIM),
+    "pad_token_id": (0, MAX_DIM),
 }
 _PROBABILITIES = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 # Settings of GPT2Config that change the math and that we do not implement: key ->
@@ -70,14 +78,6 @@ _UNSUPPORTED = {
     "reorder_and_upcast_attn": False,
     "add_cross_attention": False,
 }
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -116,50 +116,23 @@ class Gpt2Config:
     def __post_init__(self) -> None:
         source = self.source
         if self.intermediate_size is None:
-            if _is_int(self.hidden_size):
+            if is_int(self.hidden_size):
                 self.intermediate_size = 4 * self.hidden_size
-        for key, (low, high) in _INT_LIMITS.items():
-            value = getattr(self, key)
-            if not _is_int(value):
-                raise CheckpointError(
-                    f"{source}: {self._key(key)}={value!r} must be an integer, not "
-                    f"{type(value).__name__}."
-                )
-            if not low <= value <= high:
-                raise CheckpointError(
-                    f"{source}: {self._key(key)}={value} must be between {low} and {high}."
-                )
+        # Messages name the key as the config.json spells it (n_embd, not hidden_size).
+        check_int_fields(self, _INT_LIMITS, source, key_name=self._key)
         for key in _PROBABILITIES:
-            value = getattr(self, key)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                raise CheckpointError(f"{source}: {key}={value!r} must be a number in [0, 1).")
-        eps = self.layer_norm_epsilon
-        if not _is_number(eps) or not math.isfinite(eps) or not 0 < eps < 1:
-            raise CheckpointError(
-                f"{source}: layer_norm_epsilon={eps!r} must be a number in (0, 1)."
-            )
-        act = self.activation_function
-        if not isinstance(act, str) or act not in ACTIVATIONS:
-            raise CheckpointError(
-                f"{source}: activation_function={act!r} is not supported; "
-                f"use one of {sorted(ACTIVATIONS)}."
-            )
-        if not isinstance(self.scale_attn_weights, bool):
-            raise CheckpointError(
-                f"{source}: scale_attn_weights={self.scale_attn_weights!r} must be true or false."
-            )
-        if not isinstance(self.model_type, str):
-            raise CheckpointError(f"{source}: model_type={self.model_type!r} must be a string.")
-        if self.hidden_size % self.num_attention_heads:
-            raise CheckpointError(
-                f"{source}: n_embd={self.hidden_size} is not divisible by "
-                f"n_head={self.num_attention_heads}."
-            )
-        if self.pad_token_id >= self.vocab_size:
-            raise CheckpointError(
-                f"{source}: pad_token_id={self.pad_token_id} is outside the vocabulary "
-                f"(vocab_size={self.vocab_size}); remove it or set an id below {self.vocab_size}."
-            )
+            check_probability(getattr(self, key), key, source)
+        check_eps(self.layer_norm_epsilon, "layer_norm_epsilon", source)
+        check_activation(self.activation_function, "activation_function", source)
+        check_bool(self.scale_attn_weights, "scale_attn_weights", source)
+        check_str(self.model_type, "model_type", source)
+        check_divisible(self.hidden_size, "n_embd", self.num_attention_heads, "n_head", source)
+        check_pad_token(
+            self.pad_token_id,
+            self.vocab_size,
+            source,
+            hint=f"; remove it or set an id below {self.vocab_size}",
+        )
 
     def _key(self, field_name: str) -> str:
         """The config.json key a field was read from, for messages."""
@@ -175,10 +148,7 @@ class Gpt2Config:
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "config.json") -> "Gpt2Config":
         """Build from a Hugging Face GPT-2 config dict, ignoring keys we do not use."""
-        if not isinstance(data, dict):
-            raise CheckpointError(
-                f"{source}: must hold a JSON object of settings, found {type(data).__name__}."
-            )
+        data = require_object(data, source)
         for key, supported in _UNSUPPORTED.items():
             value = data.get(key, supported)
             if value is not None and value != supported:
@@ -195,7 +165,7 @@ class Gpt2Config:
         if "pad_token_id" not in kwargs:
             eos = data.get("eos_token_id")
             vocab = kwargs.get("vocab_size", cls.vocab_size)
-            if _is_int(eos) and _is_int(vocab) and 0 <= eos < vocab:
+            if is_int(eos) and is_int(vocab) and 0 <= eos < vocab:
                 kwargs["pad_token_id"] = eos
         return cls(**kwargs, raw=dict(data), source=source)
 

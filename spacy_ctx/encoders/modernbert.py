@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -34,7 +35,6 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .blocks import (
-    ACTIVATIONS,
     FeedForward,
     PreNormLayer,
     SelfAttention,
@@ -43,39 +43,43 @@ from .blocks import (
     rotary_cos_sin,
     sliding_window_mask,
 )
+from .config import (
+    MAX_DIM,
+    MAX_LAYERS,
+    check_activation,
+    check_bool,
+    check_divisible,
+    check_eps,
+    check_int,
+    check_pad_token,
+    check_probability,
+    check_str,
+    is_number,
+    require_keys,
+    require_object,
+    setting,
+)
 from .family import TransformerEncoder, register_prefixed_family
 
 GLOBAL = "full_attention"
 LOCAL = "sliding_attention"
 
-# Generous bounds on single values (see bert.py): they turn absurd values into a
-# message naming the key; the checkpoint loader compares implied shapes with the
-# weight file before anything is built.
-_MAX_DIM = 1 << 24
 _INT_KEYS: Dict[str, Tuple[int, int, Optional[int]]] = {
     # key: (low, high, default when missing; None = required)
-    "vocab_size": (1, _MAX_DIM, None),
-    "hidden_size": (1, _MAX_DIM, 768),
-    "num_hidden_layers": (1, 1024, 22),
-    "num_attention_heads": (1, _MAX_DIM, 12),
-    "intermediate_size": (1, _MAX_DIM, 1152),
-    "max_position_embeddings": (3, _MAX_DIM, 8192),  # [CLS] + one piece + [SEP]
-    "local_attention": (1, _MAX_DIM, 128),
-    "global_attn_every_n_layers": (1, 1024, 3),
-    "pad_token_id": (0, _MAX_DIM, 50283),
+    "vocab_size": (1, MAX_DIM, None),
+    "hidden_size": (1, MAX_DIM, 768),
+    "num_hidden_layers": (1, MAX_LAYERS, 22),
+    "num_attention_heads": (1, MAX_DIM, 12),
+    "intermediate_size": (1, MAX_DIM, 1152),
+    "max_position_embeddings": (3, MAX_DIM, 8192),  # [CLS] + one piece + [SEP]
+    "local_attention": (1, MAX_DIM, 128),
+    "global_attn_every_n_layers": (1, MAX_LAYERS, 3),
+    "pad_token_id": (0, MAX_DIM, 50283),
 }
 _PROBABILITIES = ("embedding_dropout", "attention_dropout", "mlp_dropout")
 _FLAGS = {"norm_bias": False, "attention_bias": False, "mlp_bias": False}
 _DEFAULT_THETA = {GLOBAL: 160_000.0, LOCAL: 10_000.0}
 _LEGACY_THETA_KEY = {GLOBAL: "global_rope_theta", LOCAL: "local_rope_theta"}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -124,76 +128,36 @@ class ModernBertConfig:
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "config.json") -> "ModernBertConfig":
         """Read and validate a Hugging Face ``config.json`` dict (4.x or 5.x format)."""
-        if not isinstance(data, dict):
-            raise CheckpointError(
-                f"{source}: must hold a JSON object of settings, found {type(data).__name__}."
-            )
-        if "vocab_size" not in data:
-            raise CheckpointError(f"{source}: the required key 'vocab_size' is missing.")
+        data = require_object(data, source)
+        require_keys(data, ("vocab_size",), source)
+        value = partial(setting, data)  # a missing or null key: the default
 
-        def value(key: str, default: Any) -> Any:
-            # Hugging Face writes null for "the default".
-            found = data.get(key)
-            return default if found is None else found
-
-        ints: Dict[str, int] = {}
-        for key, (low, high, default) in _INT_KEYS.items():
-            found = value(key, default)
-            if not _is_int(found):
-                raise CheckpointError(
-                    f"{source}: {key}={found!r} must be an integer, not {type(found).__name__}."
-                )
-            if not low <= found <= high:
-                raise CheckpointError(f"{source}: {key}={found} must be between {low} and {high}.")
-            ints[key] = found
-        if ints["hidden_size"] % ints["num_attention_heads"]:
-            raise CheckpointError(
-                f"{source}: hidden_size={ints['hidden_size']} is not divisible by "
-                f"num_attention_heads={ints['num_attention_heads']}."
-            )
+        ints: Dict[str, int] = {
+            key: check_int(value(key, default), key, low, high, source)
+            for key, (low, high, default) in _INT_KEYS.items()
+        }
+        check_divisible(
+            ints["hidden_size"], "hidden_size", ints["num_attention_heads"], "num_attention_heads", source
+        )
         head_dim = ints["hidden_size"] // ints["num_attention_heads"]
         if head_dim % 2:
             raise CheckpointError(
                 f"{source}: hidden_size / num_attention_heads = {head_dim} must be even for "
                 "rotary position embeddings."
             )
-        if ints["pad_token_id"] >= ints["vocab_size"]:
-            raise CheckpointError(
-                f"{source}: pad_token_id={ints['pad_token_id']} is outside the vocabulary "
-                f"(vocab_size={ints['vocab_size']})."
-            )
-
-        floats: Dict[str, float] = {}
-        for key in _PROBABILITIES:
-            found = value(key, 0.0)
-            if not _is_number(found) or not 0.0 <= found < 1.0:
-                raise CheckpointError(f"{source}: {key}={found!r} must be a number in [0, 1).")
-            floats[key] = float(found)
-        eps = value("norm_eps", 1e-5)
-        if not _is_number(eps) or not math.isfinite(eps) or not 0 < eps < 1:
-            raise CheckpointError(f"{source}: norm_eps={eps!r} must be a number in (0, 1).")
-        flags: Dict[str, bool] = {}
-        for key, default in _FLAGS.items():
-            found = value(key, default)
-            if not isinstance(found, bool):
-                raise CheckpointError(f"{source}: {key}={found!r} must be true or false.")
-            flags[key] = found
-        act = value("hidden_activation", "gelu")
-        if not isinstance(act, str) or act not in ACTIVATIONS:
-            raise CheckpointError(
-                f"{source}: hidden_activation={act!r} is not supported; "
-                f"use one of {sorted(ACTIVATIONS)}."
-            )
-        model_type = value("model_type", "modernbert")
-        if not isinstance(model_type, str):
-            raise CheckpointError(f"{source}: model_type={model_type!r} must be a string.")
+        check_pad_token(ints["pad_token_id"], ints["vocab_size"], source)
+        floats = {key: check_probability(value(key, 0.0), key, source) for key in _PROBABILITIES}
+        eps = check_eps(value("norm_eps", 1e-5), "norm_eps", source)
+        flags = {key: check_bool(value(key, default), key, source) for key, default in _FLAGS.items()}
+        act = check_activation(value("hidden_activation", "gelu"), "hidden_activation", source)
+        model_type = check_str(value("model_type", "modernbert"), "model_type", source)
 
         return cls(
             **ints,
             **floats,
             **flags,
             hidden_activation=act,
-            norm_eps=float(eps),
+            norm_eps=eps,
             layer_types=_layer_types(data, ints, source),
             rope_theta=_rope_theta(data, source),
             model_type=model_type,
@@ -256,7 +220,7 @@ def _rope_theta(data: Dict[str, Any], source: str) -> Dict[str, float]:
             if entry.get("rope_theta") is not None:
                 theta = entry["rope_theta"]
                 key = f"rope_parameters[{kind!r}].rope_theta"
-        if not _is_number(theta) or not math.isfinite(theta) or theta <= 1:
+        if not is_number(theta) or not math.isfinite(theta) or theta <= 1:
             raise CheckpointError(f"{source}: {key}={theta!r} must be a finite number above 1.")
         thetas[kind] = float(theta)
     return thetas
