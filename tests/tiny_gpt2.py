@@ -8,6 +8,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .tiny_models import perturb
+
 # Model class per ``head``: None is a bare GPT2Model (names without prefix), the
 # others nest it under ``transformer.`` next to a task head.
 _HEADS = {
@@ -52,10 +54,6 @@ def write(path: Path, *, seed: int = 0, head: Optional[str] = None, **overrides:
     torch.manual_seed(seed)
     hf_config = transformers.GPT2Config(**config(**overrides))
     model = getattr(transformers, _HEADS[head])(hf_config).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if name.endswith(".bias") or "ln_" in name:
-                tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
+    perturb(model, is_norm=lambda name: "ln_" in name, generator=torch.Generator().manual_seed(seed + 1))
     model.save_pretrained(path)
     return path

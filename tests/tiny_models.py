@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -111,18 +111,32 @@ def tokenizer_ids(model_type: str, path: Path) -> Dict[str, Any]:
     return {k: v for k, v in ids.items() if v is not None}
 
 
-def perturb(model: torch.nn.Module, seed: int) -> None:
-    """Give LayerNorm weights and biases and every bias small random offsets (they
-    start at 1 and 0), so parity checks exercise them."""
-    generator = torch.Generator().manual_seed(seed + 1)
+def perturb(
+    model: torch.nn.Module,
+    *,
+    is_norm: Callable[[str], bool],
+    norm_scale: float = 0.1,
+    bias_scale: float = 0.1,
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    """Give the norm weights (parameters named ``*.weight`` with ``is_norm(name)``)
+    and every bias small random offsets, ``norm_scale`` and ``bias_scale`` times a
+    standard normal, so that parity checks exercise them (they start at 1 and 0).
+    ``generator``: None draws from torch's global generator."""
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                for tensor in (module.weight, module.bias):
-                    if tensor is not None:
-                        tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
-            elif isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.add_(0.1 * torch.randn(module.bias.shape, generator=generator))
+        for name, tensor in model.named_parameters():
+            if is_norm(name) and name.endswith(".weight"):
+                scale = norm_scale
+            elif name.endswith(".bias"):
+                scale = bias_scale
+            else:
+                continue
+            tensor.add_(scale * torch.randn(tensor.shape, generator=generator))
+
+
+def _is_layer_norm(name: str) -> bool:
+    """BERT-shaped models' LayerNorms: ``LayerNorm`` (DistilBERT: ``*layer_norm``)."""
+    return "LayerNorm" in name or "layer_norm" in name
 
 
 def build_bert_like(
@@ -137,7 +151,7 @@ def build_bert_like(
     config.architectures = [class_name]
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(config).eval()
-    perturb(model, seed)
+    perturb(model, is_norm=_is_layer_norm, generator=torch.Generator().manual_seed(seed + 1))
     return model
 
 

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import torch
 
+from .tiny_models import perturb
+
 VOCAB_SIZE = 120
 PAD_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3
 
@@ -48,12 +50,7 @@ def build(*, seed: int = 0, head: Optional[str] = None, **overrides: Any) -> tor
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = (ModernBertForMaskedLM if head == "mlm" else ModernBertModel)(config)
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if "norm" in name and name.endswith(".weight"):
-                tensor.add_(0.1 * torch.randn_like(tensor))
-            elif name.endswith(".bias"):
-                tensor.add_(0.05 * torch.randn_like(tensor))
+    perturb(model, is_norm=lambda name: "norm" in name, bias_scale=0.05)
     return model.eval()
 
 
