@@ -278,39 +278,31 @@ def mlm_dir(tmp_path) -> Path:
     return write_tiny_model("bert", tmp_path / "mlm", head="mlm")
 
 
-def test_partial_head_is_an_error(mlm_dir):
-    _rewrite(mlm_dir, lambda s: s.pop("cls.predictions.transform.dense.bias"))
-    expected = r"model\.safetensors.*missing key\(s\) 'cls\.predictions\.transform\.dense\.bias'"
-    with pytest.raises(CheckpointError, match=expected):
-        load_pretraining_model(mlm_dir)
-
-
-def test_head_shape_mismatch_is_an_error(mlm_dir):
-    def edit(state):
-        state["cls.predictions.bias"] = torch.zeros(7)
-
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (
+            lambda state: state.pop("cls.predictions.transform.dense.bias"),
+            r"model\.safetensors.*missing key\(s\) 'cls\.predictions\.transform\.dense\.bias'",
+        ),
+        (
+            lambda state: state.update({"cls.predictions.bias": torch.zeros(7)}),
+            r"'cls\.predictions\.bias' has shape \(7,\) but config\.json implies \(\d+,\)",
+        ),
+        (
+            lambda state: state.update({"cls.predictions.transform.extra.weight": torch.zeros(3)}),
+            r"unexpected key\(s\) 'cls\.predictions\.transform\.extra\.weight'",
+        ),
+        (
+            lambda state: state["cls.predictions.transform.dense.weight"][0, 0].fill_(float("nan")),
+            "NaN or infinite",
+        ),
+    ],
+    ids=["partial_head", "head_shape_mismatch", "unknown_name_in_head", "nan_in_head"],
+)
+def test_broken_head_is_an_error(mlm_dir, edit, expected):
     _rewrite(mlm_dir, edit)
-    expected = r"'cls\.predictions\.bias' has shape \(7,\) but config\.json implies \(\d+,\)"
     with pytest.raises(CheckpointError, match=expected):
-        load_pretraining_model(mlm_dir)
-
-
-def test_unknown_name_in_head_is_an_error(mlm_dir):
-    def edit(state):
-        state["cls.predictions.transform.extra.weight"] = torch.zeros(3)
-
-    _rewrite(mlm_dir, edit)
-    expected = r"unexpected key\(s\) 'cls\.predictions\.transform\.extra\.weight'"
-    with pytest.raises(CheckpointError, match=expected):
-        load_pretraining_model(mlm_dir)
-
-
-def test_nan_in_head_is_an_error(mlm_dir):
-    def edit(state):
-        state["cls.predictions.transform.dense.weight"][0, 0] = float("nan")
-
-    _rewrite(mlm_dir, edit)
-    with pytest.raises(CheckpointError, match="NaN or infinite"):
         load_pretraining_model(mlm_dir)
 
 
