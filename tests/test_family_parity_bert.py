@@ -210,43 +210,39 @@ def test_unknown_model_type_lists_the_supported_ones(checkpoints, tmp_path, no_b
     raises(path, str(path / "config.json"), repr(model_type), *(f"{t}" for t in BERT_LIKE))
 
 
-def test_missing_key(checkpoints, tmp_path, no_build):
-    path = copy(checkpoints("roberta", "mlm"), tmp_path)
+@pytest.mark.parametrize(
+    "model_type, head, key, value, needles",
+    [
+        ("roberta", "mlm", "roberta.encoder.layer.1.attention.self.key.weight", None, ["missing"]),
+        (
+            "electra",
+            "pretraining",
+            "electra.encoder.layer.0.attention.self.rel_bias.weight",
+            torch.zeros(4, 7),
+            ["unexpected", "(4, 7)"],
+        ),
+        (
+            "distilbert",
+            "mlm",
+            "distilbert.transformer.layer.2.ffn.lin1.weight",
+            torch.zeros(96, 64),
+            ["(96, 64)", "(128, 64)"],
+        ),
+        ("bert", "mlm", "mystery_head.weight", torch.zeros(3), ["'mystery_head.weight'", "not a known task head"]),
+    ],
+    ids=["missing_key", "extra_key_inside_the_encoder", "shape_mismatch", "unknown_key_outside_the_prefix"],
+)
+def test_bad_weight_file(checkpoints, tmp_path, no_build, model_type, head, key, value, needles):
+    """A tensor removed (``value`` None), added or replaced in the weight file."""
+    path = copy(checkpoints(model_type, head), tmp_path)
     weights = path / "model.safetensors"
     state = load_file(str(weights))
-    key = "roberta.encoder.layer.1.attention.self.key.weight"
-    del state[key]
+    if value is None:
+        del state[key]
+    else:
+        state[key] = value
     save_file(state, str(weights))
-    raises(path, str(weights), "missing", key)
-
-
-def test_extra_key_inside_the_encoder(checkpoints, tmp_path, no_build):
-    path = copy(checkpoints("electra", "pretraining"), tmp_path)
-    weights = path / "model.safetensors"
-    state = load_file(str(weights))
-    key = "electra.encoder.layer.0.attention.self.rel_bias.weight"
-    state[key] = torch.zeros(4, 7)
-    save_file(state, str(weights))
-    raises(path, str(weights), "unexpected", key, "(4, 7)")
-
-
-def test_shape_mismatch(checkpoints, tmp_path, no_build):
-    path = copy(checkpoints("distilbert", "mlm"), tmp_path)
-    weights = path / "model.safetensors"
-    state = load_file(str(weights))
-    key = "distilbert.transformer.layer.2.ffn.lin1.weight"
-    state[key] = torch.zeros(96, 64)
-    save_file(state, str(weights))
-    raises(path, str(weights), key, "(96, 64)", "(128, 64)")
-
-
-def test_unknown_key_outside_the_prefix(checkpoints, tmp_path, no_build):
-    path = copy(checkpoints("bert", "mlm"), tmp_path)
-    weights = path / "model.safetensors"
-    state = load_file(str(weights))
-    state["mystery_head.weight"] = torch.zeros(3)
-    save_file(state, str(weights))
-    raises(path, str(weights), "'mystery_head.weight'", "not a known task head")
+    raises(path, str(weights), key, *needles)
 
 
 @pytest.mark.parametrize("model_type,head", [("bert", "sequence"), ("roberta", "qa"), ("distilbert", "sequence"),
