@@ -10,6 +10,8 @@ from thinc.api import Model, Ragged, reduce_mean
 from thinc.types import Floats2d
 
 from .backends import CtxOutput
+from .backends.precision import check_quantize
+from .errors import ConfigError
 from .thinc_layers.backend_layer import build_backend_layer
 from .thinc_layers.listeners import build_head, build_listener, build_standalone
 from .thinc_layers.scalar_mix import ScalarMix
@@ -23,6 +25,7 @@ def build_bert_encoder(
     overlap: str = "best",
     device: Optional[str] = None,
     mixed_precision: Optional[str] = None,
+    quantize: Optional[str] = None,
 ) -> Model[List[Doc], List[CtxOutput]]:
     """``spacy_ctx.BertEncoder.v1``: a transformer encoder of any supported family (chosen by
     ``config.json``'s ``model_type``), loaded on initialize/first use.
@@ -35,8 +38,19 @@ def build_bert_encoder(
     overlap: ``"best"`` (each piece from the window where it has most context) or
         ``"mean"`` (average over windows).
     device: torch device (``"cuda:0"``); None = follow spaCy's ops (GPU if active).
-    mixed_precision: None, ``"bf16"`` or ``"fp16"`` autocast at inference.
+    mixed_precision: None (float32), ``"auto"`` (bf16 where the device computes it
+        natively: CUDA compute capability >= 8.0, CPUs with AVX-512 BF16 or AMX;
+        float32 elsewhere), ``"bf16"`` or ``"fp16"`` autocast.
+    quantize: None, or ``"int8"``: dynamic int8 quantization of the Linear layers,
+        for CPU inference with a frozen encoder (``frozen = true``); refused on CUDA
+        and when fine-tuning. The saved weights stay float32.
     """
+    check_quantize(quantize)
+    if quantize is not None and device is not None and not str(device).startswith("cpu"):
+        raise ConfigError(
+            f"quantize = {quantize!r} runs on CPU only, but device = {device!r}. Remove "
+            "quantize (mixed_precision = \"auto\" gives bf16 on recent GPUs) or set device = null."
+        )
 
     def load():
         from .backends.bert import TransformerBackend
@@ -49,6 +63,7 @@ def build_bert_encoder(
             stride=stride,
             overlap=overlap,
             mixed_precision=mixed_precision,
+            quantize=quantize,
         )
 
     return build_backend_layer(load, device=device)
@@ -72,7 +87,8 @@ def build_elmo_encoder(
     chunk_size: tokens per chunk when a Doc has no sentence boundaries (and the
         longest piece of a sentence the model sees at once).
     cache_size: words whose context-independent embeddings are cached (LRU).
-    device: torch device; None = follow spaCy's ops. mixed_precision: None/bf16/fp16.
+    device: torch device; None = follow spaCy's ops. mixed_precision: None, ``"auto"``
+        (bf16 where native, else float32), ``"bf16"`` or ``"fp16"``.
     """
 
     def load():

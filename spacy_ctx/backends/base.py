@@ -15,10 +15,18 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from .precision import (
+    AUTOCAST_DTYPES,
+    PrecisionChoice,
+    check_mixed_precision,
+    logger,
+    resolve_precision,
+)
 
 BACKEND_FILE = "backend.json"
 POOLING_METHODS = ("mean", "first", "last", "max")
-MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The explicit autocast dtypes; "auto" resolves per device (see .precision).
+MIXED_PRECISION = AUTOCAST_DTYPES
 
 
 @dataclass
@@ -123,13 +131,64 @@ class Backend(nn.Module):
 
     def __init__(self, name: str, mixed_precision: Optional[str] = None) -> None:
         super().__init__()
-        if mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(
-                f"mixed_precision must be one of {sorted(MIXED_PRECISION, key=str)}, "
-                f"got {mixed_precision!r}"
-            )
         self.name = name
         self.mixed_precision = mixed_precision
+
+    @property
+    def mixed_precision(self) -> Optional[str]:
+        """The setting: None (float32), ``"auto"``, ``"bf16"`` or ``"fp16"``.
+
+        Assignable (validated), e.g. to evaluate a loaded pipeline in bf16; the
+        value is saved with the backend. :attr:`precision` says what it means on
+        the current device.
+        """
+        return self.__dict__["_mixed_precision"]
+
+    @mixed_precision.setter
+    def mixed_precision(self, value: Optional[str]) -> None:
+        check_mixed_precision(value)
+        changed = "_mixed_precision" in self.__dict__ and self.__dict__["_mixed_precision"] != value
+        self.__dict__["_mixed_precision"] = value
+        # device -> PrecisionChoice, resolved again after a change.
+        self.__dict__["_precision_choices"] = {}
+        if changed:
+            self.weights_changed()  # caches of outputs computed in the old precision
+
+    def precision_choice(self, device: Optional[torch.device] = None) -> PrecisionChoice:
+        """What :attr:`mixed_precision` means on ``device`` (default: the backend's).
+
+        Resolved once per device; the first resolution of ``"auto"`` is logged
+        (logger ``spacy_ctx``, level INFO) with the reason.
+        """
+        device = self.device if device is None else torch.device(device)
+        choices = self.__dict__["_precision_choices"]
+        key = str(device)
+        if key not in choices:
+            choices[key] = choice = resolve_precision(self.mixed_precision, device)
+            if self.mixed_precision == "auto":
+                logger.info(
+                    "%s: mixed_precision = 'auto' runs in %s on %s (%s)",
+                    self.name, choice.precision, device, choice.reason,
+                )
+        return choices[key]
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic the encoder runs in on its device: ``"fp32"``, ``"bf16"``
+        or ``"fp16"`` (what :attr:`mixed_precision` resolves to there)."""
+        return self.precision_choice().precision
+
+    def precision_info(self) -> Dict[str, object]:
+        """The precision settings and what they mean on the current device, for
+        reports: ``mixed_precision`` (setting), ``precision`` (resolved),
+        ``reason``, ``device``."""
+        choice = self.precision_choice()
+        return {
+            "mixed_precision": self.mixed_precision,
+            "precision": choice.precision,
+            "reason": choice.reason,
+            "device": str(self.device),
+        }
 
     # -- to implement ---------------------------------------------------------
     @property
@@ -173,13 +232,20 @@ class Backend(nn.Module):
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        """Autocast to the configured low precision, if any."""
-        dtype = MIXED_PRECISION[self.mixed_precision]
+        """Autocast to the low precision :attr:`mixed_precision` resolves to on the
+        backend's device, if any (``"auto"``: bf16 where native, else none)."""
+        device = self.device
+        dtype = self.autocast_dtype(device)
         if dtype is None:
             yield
             return
-        with torch.autocast(device_type=self.device.type, dtype=dtype):
+        with torch.autocast(device_type=device.type, dtype=dtype):
             yield
+
+    def autocast_dtype(self, device: Optional[torch.device] = None) -> Optional[torch.dtype]:
+        """The dtype :meth:`autocast` uses on ``device`` (None: float32, no autocast).
+        Subclasses may narrow it (int8 Linear layers run without autocast)."""
+        return self.precision_choice(device).dtype
 
     def save(self, path: Union[str, Path]) -> None:
         """Write weights, tokenizer/vocabulary files and settings to a directory."""

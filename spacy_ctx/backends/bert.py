@@ -26,6 +26,7 @@ from .windows import OVERLAP_MODES, WindowPlan, plan_windows
 from ..pieces.alignment import identity_or_none
 from ..pieces.tokenizer import PieceTokenizer
 from .base import CtxOutput, Backend, register_backend
+from .precision import DerivedModule, check_quantize, quantize_linear_int8
 
 @register_backend
 class TransformerBackend(Backend):
@@ -36,7 +37,10 @@ class TransformerBackend(Backend):
     window: pieces per window without the specials (default: the positions the
     family can use, e.g. 512 of RoBERTa's 514, minus the specials). stride: pieces between window starts (default:
     3/4 of the window). overlap: ``"best"`` (most context on both sides; for a
-    causal model the most left context) or ``"mean"``.
+    causal model the most left context) or ``"mean"``. mixed_precision: None,
+    ``"auto"``, ``"bf16"``, ``"fp16"`` (see :mod:`.precision`). quantize: None or
+    ``"int8"``: the Linear layers run dynamically quantized to int8 (CPU inference
+    with a frozen encoder only; the float32 weights are kept and saved).
     """
 
     # The backend kind written to backend.json ("bert" for every transformer family,
@@ -53,9 +57,14 @@ class TransformerBackend(Backend):
         stride: Optional[int] = None,
         overlap: str = "best",
         mixed_precision: Optional[str] = None,
+        quantize: Optional[str] = None,
     ) -> None:
         super().__init__(name, mixed_precision)
         self.encoder = encoder
+        # The int8 copy of the encoder, made at the first int8 forward (not a
+        # submodule: not saved, not trained, not moved; see DerivedModule).
+        self._int8 = DerivedModule()
+        self.quantize = quantize
         self.pieces = pieces
         # The encoder family (model_type in config.json): positions, causality.
         self.spec = family_for(encoder.config.model_type)
@@ -99,12 +108,86 @@ class TransformerBackend(Backend):
         return self.encoder.width
 
     def settings(self) -> Dict:
-        return {
+        settings = {
             **super().settings(),
             "window": self.window,
             "stride": self.stride,
             "overlap": self.overlap,
         }
+        if self.quantize is not None:  # absent by default: older folders look the same
+            settings["quantize"] = self.quantize
+        return settings
+
+    # -- precision ----------------------------------------------------------------------
+    @property
+    def quantize(self) -> Optional[str]:
+        """None, or ``"int8"``: the Linear layers run dynamically quantized.
+
+        Assignable (validated), e.g. to evaluate a loaded pipeline with int8; saved
+        with the backend's settings, while the saved weights stay float32.
+        """
+        return self.__dict__["_quantize"]
+
+    @quantize.setter
+    def quantize(self, value: Optional[str]) -> None:
+        self.__dict__["_quantize"] = check_quantize(value)
+        self._int8.clear()
+
+    def autocast_dtype(self, device: Optional[torch.device] = None) -> Optional[torch.dtype]:
+        # Quantized Linear layers take float32 input, so int8 runs without autocast:
+        # "auto" then means float32; an explicit bf16/fp16 is refused by _check_int8.
+        if self.quantize is not None:
+            return None
+        return super().autocast_dtype(device)
+
+    @property
+    def precision(self) -> str:
+        """``"int8"`` when quantized, else what :attr:`mixed_precision` resolves to."""
+        return "int8" if self.quantize is not None else super().precision
+
+    def precision_info(self) -> Dict[str, object]:
+        info = {**super().precision_info(), "quantize": self.quantize}
+        if self.quantize is not None:
+            info["precision"] = self.quantize
+            info["reason"] = (
+                f"quantize = {self.quantize!r}: Linear layers in int8, the rest in float32"
+            )
+        return info
+
+    def weights_changed(self) -> None:
+        super().weights_changed()
+        self._int8.clear()  # quantized from the old weights
+
+    def _check_int8(self) -> None:
+        """Refuse what int8 cannot do, naming the setting to change."""
+        if self.device.type != "cpu":
+            raise ConfigError(
+                f"{self.name}: quantize = \"int8\" runs on CPU only, but the encoder is on "
+                f"{self.device} (its device setting, or spaCy's GPU). Remove quantize "
+                "(use mixed_precision = \"auto\" or \"bf16\" on the GPU) or run on CPU."
+            )
+        if self.mixed_precision in ("bf16", "fp16"):
+            raise ConfigError(
+                f"{self.name}: quantize = \"int8\" cannot be combined with mixed_precision = "
+                f"\"{self.mixed_precision}\" (the int8 Linear layers take float32 inputs). "
+                "Set mixed_precision to null or \"auto\" (float32 around the int8 layers)."
+            )
+        if self.training and torch.is_grad_enabled():
+            raise ConfigError(
+                f"{self.name}: quantize = \"int8\" is for inference with a frozen encoder, "
+                "but it is being fine-tuned (int8 layers have no gradients). Set frozen = "
+                "true on the encoder component (or grad_factor = 0 on its listeners), or "
+                "remove quantize."
+            )
+
+    def _forward_encoder(self) -> TransformerEncoder:
+        """The module that encodes a batch: the encoder, or its int8 copy."""
+        if self.quantize is None:
+            return self.encoder
+        self._check_int8()
+        if self._int8.module is None:
+            self._int8.module = quantize_linear_int8(self.encoder)
+        return self._int8.module  # type: ignore[return-value]
 
     # -- planning -------------------------------------------------------------------
     def _plan(
@@ -288,11 +371,12 @@ class TransformerBackend(Backend):
             input_ids[row, end : end + len(suffix)] = suffix
             mask[row, : len(ids) + n_specials] = True
         device = self.device
+        encoder = self._forward_encoder()
         # Pinned host memory and non-blocking copies on CUDA (see host_to_device).
         ids_t = host_to_device(input_ids, device)
         mask_t = host_to_device(mask, device)
         with self.autocast():
-            return self.encoder(ids_t, mask_t, n_layers=n_layers)
+            return encoder(ids_t, mask_t, n_layers=n_layers)
 
     @staticmethod
     def _add_window(
@@ -335,6 +419,7 @@ class TransformerBackend(Backend):
         stride: Optional[int] = None,
         overlap: str = "best",
         mixed_precision: Optional[str] = None,
+        quantize: Optional[str] = None,
     ) -> "TransformerBackend":
         """Load from a Hugging Face-format checkpoint directory of any supported family."""
         encoder = load_encoder(model_dir).encoder
@@ -347,6 +432,7 @@ class TransformerBackend(Backend):
             stride=stride,
             overlap=overlap,
             mixed_precision=mixed_precision,
+            quantize=quantize,
         )
 
 
