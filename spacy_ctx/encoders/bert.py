@@ -315,13 +315,7 @@ class BertEncoder(TransformerEncoder):
         (None: all; layers above are not computed).
         """
         n_blocks = self.blocks_to_run(n_layers)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.max_length:
-            raise ValueError(
-                f"input_ids has {input_ids.shape[1]} positions but the model supports "
-                f"{self.max_length}; cut the input into windows."
-            )
+        self.check_input_ids(input_ids, self.max_length)
         hidden = self.embeddings(input_ids, self.position_ids(input_ids), token_type_ids)
         mask = key_padding_mask(attention_mask)
         outputs = [hidden]

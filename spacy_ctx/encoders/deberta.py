@@ -547,14 +547,7 @@ class DebertaV2Encoder(TransformerEncoder):
         are not computed).
         """
         n_blocks = self.blocks_to_run(n_layers)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
-        length = input_ids.shape[1]
-        if self.max_length is not None and length > self.max_length:
-            raise ValueError(
-                f"input_ids has {length} positions but the model supports "
-                f"{self.max_length}; cut the input into windows."
-            )
+        length = self.check_input_ids(input_ids, self.max_length)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         keep = attention_mask[..., None]

@@ -68,6 +68,20 @@ class TransformerEncoder(nn.Module):
             )
         return n_layers - 1
 
+    @staticmethod
+    def check_input_ids(input_ids: torch.Tensor, max_length: Optional[int]) -> int:
+        """The length of ``input_ids``, after checking that it is (batch, length) with
+        at most ``max_length`` positions (None: no bound); raises ValueError."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
+        length = input_ids.shape[1]
+        if max_length is not None and length > max_length:
+            raise ValueError(
+                f"input_ids has {length} positions but the model supports "
+                f"{max_length}; cut the input into windows."
+            )
+        return length
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -238,14 +238,7 @@ class Gpt2Encoder(TransformerEncoder):
         returned entry is a block's raw output, exactly the same tensor as in the
         full run (the final norm ``ln_f`` belongs to the last block's entry only)."""
         n_blocks = self.blocks_to_run(n_layers)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
-        length = input_ids.shape[1]
-        if length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"input_ids has {length} positions but the model supports "
-                f"{self.config.max_position_embeddings}; cut the input into windows."
-            )
+        length = self.check_input_ids(input_ids, self.config.max_position_embeddings)
         # Right padding: real pieces sit at 0..n-1, so plain positions are right.
         positions = torch.arange(length, device=input_ids.device)
         hidden = self.dropout(self.word_embeddings(input_ids) + self.position_embeddings(positions)[None])

@@ -309,15 +309,8 @@ class ModernBertEncoder(TransformerEncoder):
         not computed and no output is after the final norm (as in Hugging Face's
         hidden states, where only the model's last layer is normed)."""
         n_blocks = self.blocks_to_run(n_layers)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
         config = self.config
-        length = input_ids.shape[1]
-        if length > config.max_position_embeddings:
-            raise ValueError(
-                f"input_ids has {length} positions but the model supports "
-                f"{config.max_position_embeddings}; cut the input into windows."
-            )
+        length = self.check_input_ids(input_ids, config.max_position_embeddings)
         device = input_ids.device
         hidden = self.embeddings(input_ids)
         kinds = set(config.layer_types)
