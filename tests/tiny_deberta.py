@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from .tiny_models import perturb
+from .tiny_models import build_eager, save
 
 VOCAB_SIZE = 120
 PAD_ID, CLS_ID, SEP_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 119
@@ -53,20 +53,16 @@ def build(*, seed: int = 0, head: Optional[str] = None, **overrides: Any) -> tor
     ``head="mlm"``) in eval mode. ``overrides`` replace :data:`CONFIG` entries
     (e.g. ``share_att_key=False``); ``legacy=False`` gives the ``lm_predictions``
     MLM head instead of ``cls``."""
-    from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model
+    import transformers
 
-    if head not in (None, "mlm"):
-        raise ValueError(f"head={head!r}: use None or 'mlm'")
-    config = DebertaV2Config(**{**CONFIG, **overrides})
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = (DebertaV2ForMaskedLM if head == "mlm" else DebertaV2Model)(config)
-    perturb(model, is_norm=lambda name: "LayerNorm" in name, bias_scale=0.05)
-    return model.eval()
+    return build_eager(
+        transformers.DebertaV2Config,
+        {None: transformers.DebertaV2Model, "mlm": transformers.DebertaV2ForMaskedLM},
+        {**CONFIG, **overrides},
+        seed=seed, head=head, is_norm=lambda name: "LayerNorm" in name, bias_scale=0.05,
+    )
 
 
 def write(path: Path, *, seed: int = 0, head: Optional[str] = None, **overrides: Any) -> Path:
     """Save :func:`build`'s model with ``save_pretrained`` into ``path``; returns ``path``."""
-    path = Path(path)
-    build(seed=seed, head=head, **overrides).save_pretrained(path)
-    return path
+    return save(build(seed=seed, head=head, **overrides), path)

@@ -134,6 +134,35 @@ def perturb(
             tensor.add_(scale * torch.randn(tensor.shape, generator=generator))
 
 
+def build_eager(
+    config_class: Any,
+    model_classes: Dict[Optional[str], Any],
+    settings: Dict[str, Any],
+    *,
+    seed: int,
+    head: Optional[str],
+    is_norm: Callable[[str], bool],
+    bias_scale: float = 0.1,
+) -> torch.nn.Module:
+    """A random ``model_classes[head]`` of ``config_class(**settings)`` with eager
+    attention, seeded with ``seed`` and then :func:`perturb`-ed, in eval mode."""
+    if head not in model_classes:
+        raise ValueError(f"head={head!r}: use {' or '.join(map(repr, model_classes))}")
+    config = config_class(**settings)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_classes[head](config)
+    perturb(model, is_norm=is_norm, bias_scale=bias_scale)
+    return model.eval()
+
+
+def save(model: torch.nn.Module, path: Path) -> Path:
+    """``model.save_pretrained(path)``; returns ``path``."""
+    path = Path(path)
+    model.save_pretrained(path)
+    return path
+
+
 def _is_layer_norm(name: str) -> bool:
     """BERT-shaped models' LayerNorms: ``LayerNorm`` (DistilBERT: ``*layer_norm``)."""
     return "LayerNorm" in name or "layer_norm" in name

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from .tiny_models import perturb
+from .tiny_models import build_eager, save
 
 VOCAB_SIZE = 120
 PAD_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3
@@ -42,20 +42,16 @@ def build(*, seed: int = 0, head: Optional[str] = None, **overrides: Any) -> tor
     """The random HF model (``ModernBertModel``, or ``ModernBertForMaskedLM`` for
     ``head="mlm"``) in eval mode with eager attention. ``overrides`` replace
     :data:`CONFIG` entries (e.g. ``norm_bias=True``)."""
-    from transformers import ModernBertConfig, ModernBertForMaskedLM, ModernBertModel
+    import transformers
 
-    if head not in (None, "mlm"):
-        raise ValueError(f"head={head!r}: use None or 'mlm'")
-    config = ModernBertConfig(**{**CONFIG, **overrides})
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = (ModernBertForMaskedLM if head == "mlm" else ModernBertModel)(config)
-    perturb(model, is_norm=lambda name: "norm" in name, bias_scale=0.05)
-    return model.eval()
+    return build_eager(
+        transformers.ModernBertConfig,
+        {None: transformers.ModernBertModel, "mlm": transformers.ModernBertForMaskedLM},
+        {**CONFIG, **overrides},
+        seed=seed, head=head, is_norm=lambda name: "norm" in name, bias_scale=0.05,
+    )
 
 
 def write(path: Path, *, seed: int = 0, head: Optional[str] = None, **overrides: Any) -> Path:
     """Save :func:`build`'s model with ``save_pretrained`` into ``path``; returns ``path``."""
-    path = Path(path)
-    build(seed=seed, head=head, **overrides).save_pretrained(path)
-    return path
+    return save(build(seed=seed, head=head, **overrides), path)
