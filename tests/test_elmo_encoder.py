@@ -498,13 +498,62 @@ def test_no_clipping_on_small_weights(tiny_files: tuple[Path, Path]) -> None:
 # --------------------------------------------------------------------------
 
 
-def test_input_gates_are_computed_in_bounded_blocks_of_real_rows(
+def test_inference_input_gates_are_computed_in_bounded_blocks_of_active_rows(
     tiny_model: ElmoBiLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The input-gate precompute stays within the budget (in time blocks, with the real
-    rows only, not ROW_MULTIPLE padded ones) and gives bitwise the unbounded result."""
+    """The inference loop's input-gate matmuls stay within INFERENCE_GATE_BUDGET (blocks
+    of steps times the rows active at the block's start, or one step), cover every
+    step with rows, and give bitwise the unbounded result."""
+    long_sentence = [f"w{k % 7}" for k in range(150)]
+    batches = [[long_sentence], [long_sentence, *SENTENCES], [long_sentence, [], ["a"]]]
+    unbounded = [run_framed(tiny_model, batch) for batch in batches]
+    calls: List[Tuple[List[int], List[Tuple[int, int]]]] = []
+    original = elmo_module._gate_blocks
+
+    def recording(counts: Sequence[int], max_rows: int) -> List[Tuple[int, int]]:
+        calls.append((list(counts), original(counts, max_rows)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(elmo_module, "_gate_blocks", recording)
+    gate_width = 4 * tiny_model.options.lstm_dim
+    max_rows = 24
+    monkeypatch.setattr(elmo_module, "INFERENCE_GATE_BUDGET", max_rows * gate_width)
+    for batch, expected in zip(batches, unbounded):
+        calls.clear()
+        assert torch.equal(run_framed(tiny_model, batch), expected)
+        assert len(calls) == tiny_model.options.n_layers
+        for counts, blocks in calls:
+            # Sorted rows: the counts of active rows per step never grow, and are all > 0.
+            assert counts == sorted(counts, reverse=True) and counts[-1] > 0
+            assert len(counts) == len(long_sentence) + 2
+            assert blocks[0][0] == 0 and blocks[-1][1] == len(counts)
+            assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+            for start, end in blocks:
+                assert (end - start) * counts[start] <= max_rows or end - start == 1
+            assert len(blocks) > 1
+
+
+def test_gate_blocks() -> None:
+    assert elmo_module._gate_blocks([], 10) == []
+    assert elmo_module._gate_blocks([3, 3, 3, 2, 1], 6) == [(0, 2), (2, 4), (4, 5)]
+    assert elmo_module._gate_blocks([20, 20, 5], 6) == [(0, 1), (1, 2), (2, 3)]
+    assert elmo_module._gate_blocks([1] * 5, 100) == [(0, 5)]
+
+
+def test_autograd_input_gates_are_computed_in_bounded_blocks_of_real_rows(
+    tiny_model: ElmoBiLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With autograd, the input-gate precompute stays within the budget (in time blocks,
+    with the real rows only, not ROW_MULTIPLE padded ones) and gives bitwise the
+    unbounded result."""
     long_sentence = [f"w{k % 7}" for k in range(150)]
     batches = [[long_sentence], [long_sentence, *SENTENCES]]
+
+    def run_framed(model: ElmoBiLM, sentences: Sequence[Sequence[str]]) -> torch.Tensor:
+        ids, lengths = batch_char_ids([["<S>", *s, "</S>"] for s in sentences])
+        with torch.enable_grad():
+            return model(ids, lengths).detach()
+
     unbounded = [run_framed(tiny_model, batch) for batch in batches]
 
     blocks: List[Tuple[int, ...]] = []
@@ -685,7 +734,9 @@ def test_backend_keep_layers_and_gradient_path(backend: ElmoBackend, vocab) -> N
     with torch.enable_grad():
         graded = backend.encode_docs(docs, max_batch_tokens=8, keep_layers=[0, 2])
     assert graded[0].layers.requires_grad
-    np.testing.assert_array_equal(graded[0].layers.detach().numpy()[0], full[0])  # token layer
+    # The token layer too: inference runs the char CNN's dense layers through oneDNN
+    # (encoders.elmo.fast_linear), autograd through F.linear.
+    np.testing.assert_allclose(graded[0].layers.detach().numpy()[0], full[0], rtol=0, atol=1e-6)
     np.testing.assert_allclose(graded[0].layers.detach().numpy(), full[[0, 2]], rtol=0, atol=2e-6)
     assert graded[1].layers.shape == (2, 0, 16)
 
@@ -794,16 +845,19 @@ def test_long_lone_segment_is_not_padded_to_row_multiple(
     """A lone long segment runs with 1 row in the big tensors, in bounded time blocks."""
     words = [f"w{k % 50}" for k in range(3000)]
     backend = ElmoBackend(tiny_model, name="tiny", chunk_size=len(words))
-    shapes: List[Tuple[int, ...]] = []
-    original = ProjectionLstmLayer.input_gates
+    blocks: List[List[Tuple[int, int]]] = []
+    original = elmo_module._gate_blocks
     monkeypatch.setattr(
-        ProjectionLstmLayer, "input_gates", lambda self, block: shapes.append(tuple(block.shape)) or original(self, block)
+        elmo_module, "_gate_blocks", lambda counts, rows: blocks.append(original(counts, rows)) or blocks[-1]
     )
-    monkeypatch.setattr(elmo_module, "INPUT_GATE_BUDGET", 2 * 1024 * 4 * tiny_model.options.lstm_dim)
+    monkeypatch.setattr(elmo_module, "INFERENCE_GATE_BUDGET", 1024 * 4 * tiny_model.options.lstm_dim)
     [layers] = encode(backend, [Doc(vocab, words=words)])
     assert layers.shape == (3, 3000, 16) and np.all(np.isfinite(layers))
-    assert {shape[2] for shape in shapes} == {1}
-    assert max(shape[1] for shape in shapes) == 1024
+    # One row, so blocks of 1,024 steps (the budget's rows), covering all 3,002 steps.
+    assert len(blocks) == tiny_model.options.n_layers
+    for layer_blocks in blocks:
+        assert max(end - start for start, end in layer_blocks) == 1024
+        assert layer_blocks[0][0] == 0 and layer_blocks[-1][1] == 3002
 
 
 # --------------------------------------------------------------------------

@@ -31,7 +31,7 @@ weights are loaded by :mod:`spacy_ctx.encoders.elmo_checkpoint`.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +75,11 @@ ROW_MULTIPLE = 16
 #: Larger budgets did not run normal batches faster (the per-step loop dominates).
 INPUT_GATE_BUDGET = 1 << 20
 
+#: The same bound for the inference loop (:meth:`ProjectionLstmLayer._forward_prefix`),
+#: per direction: 4 Mi floats (16 MiB in float32), or one time step if that is larger.
+#: Its blocks hold only the rows that are active in the block, not padded steps.
+INFERENCE_GATE_BUDGET = 1 << 22
+
 #: Most float elements of char CNN activations computed at once; words are run
 #: through the CNN in chunks that fit it (:meth:`ElmoCharEncoder.forward`).
 CHAR_CNN_BUDGET = 1 << 22
@@ -82,6 +87,16 @@ CHAR_CNN_BUDGET = 1 << 22
 #: Elements of per-step LSTM cell state (padded rows x cell_dim) per intra-op
 #: thread in the inference loop (see :class:`_step_threads`).
 STEP_ELEMENTS_PER_THREAD = 1 << 20
+
+#: Extra floats after each row of the inference loop's per-row state buffers, which
+#: are used through ``[:, :cell_dim]`` views. torch's CPU kernels run a contiguous
+#: tensor as one flat loop, vectorised except for a tail that uses scalar code, and
+#: scalar and vector ``sigmoid`` differ in the last bits: in a flat loop over rows
+#: whose width is not a multiple of the vector length, a row's values would depend
+#: on its position, i.e. on the batch. With a gap between rows every row is its own
+#: loop, split the same way. (The published models' widths are multiples of 32, so
+#: there it changes nothing; tiny test models need it.)
+ROW_GAP = 16
 
 #: The padding *char* id (after the +1 shift of ``spacy_ctx.pieces.chars``, which
 #: this module may not import): what follows a word's end-of-word marker.
@@ -92,6 +107,54 @@ PADDING_CHAR_ID = 261
 TRIM_STEP = 4
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
+
+
+def _has_onednn_linear() -> bool:
+    """Whether this torch build has oneDNN's fused linear op (x86 and arm builds do)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and hasattr(
+            torch.ops.mkldnn, "_linear_pointwise"
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: Use oneDNN for float32 matmuls of the inference paths on CPU. On the AVX-512
+#: machine we measured (torch 2.13, MKL 2024.2, one thread) oneDNN ran the LSTM's
+#: matmuls at 2-2.5x MKL's speed (e.g. 144 x 128 @ 128 x 4096: ~1.4 ms with MKL's
+#: sgemm, ~0.6 ms with oneDNN), and a row's result does not depend on how many rows
+#: share the matmul (checked for row counts that are multiples of ROW_MULTIPLE,
+#: 1 and 2 threads), which batch independence needs. Set to False to use
+#: ``F.linear`` (MKL) everywhere; the autograd paths always use it.
+USE_ONEDNN_LINEAR = _has_onednn_linear()
+
+
+def _prepacked(weight: Tensor, rows_hint: int) -> Tensor:
+    """``weight`` (out, in) reordered once into oneDNN's blocked layout for
+    :func:`fast_linear` (saves the reorder on every call: ~8% of the LSTM loop), or
+    ``weight`` itself where oneDNN is not used or cannot do it. ``rows_hint`` is the
+    typical row count; any row count works with the result."""
+    if not USE_ONEDNN_LINEAR or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return weight
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
+    except (AttributeError, RuntimeError):  # a build without the op: unpacked works too
+        return weight
+
+
+def fast_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for inference; oneDNN on CPU in float32 (see
+    ``USE_ONEDNN_LINEAR``). ``x`` is (N, in), ``weight`` (out, in) contiguous or
+    from :func:`_prepacked`."""
+    if weight.is_mkldnn or (
+        USE_ONEDNN_LINEAR
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 def padded_size(n_rows: int) -> int:
@@ -124,7 +187,7 @@ class Highway(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Map (N, dim) to (N, dim)."""
-        transform, carry = self.linear(x).chunk(2, dim=-1)
+        transform, carry = fast_linear(x, self.linear.weight, self.linear.bias).chunk(2, dim=-1)
         gate = torch.sigmoid(carry)
         return gate * torch.relu(transform) + (1.0 - gate) * x
 
@@ -207,6 +270,51 @@ class ElmoCharEncoder(nn.Module):
         assert output is not None
         return output
 
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())  # a copy: never touch the live module
+        state.pop("_window_cache", None)  # derived weights, rebuilt when needed
+        return state
+
+    def _window_weights(self) -> Tuple[Tensor, Tensor]:
+        """All filters as one ``(n_filters_total, char_dim * widest)`` matrix (narrower
+        filters padded with zero taps on the right) and their biases; cached while the
+        convolutions' parameters are unchanged."""
+        params = [p for conv in self.convolutions for p in (conv.weight, conv.bias)]
+        key = (USE_ONEDNN_LINEAR, *((p.data_ptr(), p._version, p.device, p.dtype) for p in params))
+        cached = getattr(self, "_window_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        widest = max(width for width, _ in self.options.filters)
+        with torch.no_grad():
+            weight = torch.cat(
+                [F.pad(conv.weight, (0, widest - conv.weight.shape[2])) for conv in self.convolutions]
+            ).reshape(self.options.n_filters_total, -1)
+            bias = torch.cat([conv.bias for conv in self.convolutions])
+        weights = (_prepacked(weight.contiguous(), 1024), bias)
+        self._window_cache = (key, weights)
+        return weights
+
+    def _pooled_windows(self, char_ids: Tensor) -> Tensor:
+        """Inference-only: the max-pooled, activated filter outputs of trimmed words
+        (N, width < 50) as one matmul over all windows of the widest filter.
+
+        A trimmed word's positions from its length on are padding chars, so a
+        narrower filter's windows that do not fit in a widest window are all-padding
+        windows, whose value the last widest window (all padding under the narrower
+        filter's taps) already gives: the max over positions is the same as the
+        convolutions'. One matmul (oneDNN on CPU) instead of one convolution per
+        filter width, and the max runs over a contiguous filter axis.
+        """
+        weight, bias = self._window_weights()
+        n_words, width = char_ids.shape
+        widest = max(w for w, _ in self.options.filters)
+        n_windows = width - widest + 1
+        embedded = self.char_embedding(char_ids)  # (N, width, char_dim)
+        # (N, windows, char_dim, widest) -> one row per window, laid out like the weight.
+        windows = embedded.unfold(1, widest, 1).reshape(n_words * n_windows, -1)
+        filtered = fast_linear(windows, weight, bias).view(n_words, n_windows, -1)
+        return self.activation(filtered.amax(dim=1))
+
     def _chunks(self, char_ids: Tensor) -> Tensor:
         """:meth:`_embed_chunk` over chunks of words whose activations fit ``CHAR_CNN_BUDGET``."""
         per_word = (self.options.char_embedding_dim + self.options.n_filters_total) * char_ids.shape[1]
@@ -221,21 +329,24 @@ class ElmoCharEncoder(nn.Module):
         )
 
     def _embed_chunk(self, char_ids: Tensor) -> Tensor:
-        n_words = char_ids.shape[0]
+        n_words, width = char_ids.shape
         # Padding rows make a word's embedding independent of N (see ROW_MULTIPLE).
         char_ids = F.pad(char_ids, (0, 0, 0, padded_size(n_words) - n_words))
-        # (N, 50, char_dim) -> (N, char_dim, 50): Conv1d wants channels first.
-        embedded = self.char_embedding(char_ids).transpose(1, 2)
-        pooled = []
-        for conv in self.convolutions:
-            # Max over positions before the activation: same result (both are
-            # monotonic), fewer elements to activate.
-            pooled.append(self.activation(conv(embedded).amax(dim=-1)))
-        hidden = torch.cat(pooled, dim=-1)
+        if width < CHARS_PER_TOKEN and not torch.is_grad_enabled():
+            hidden = self._pooled_windows(char_ids)
+        else:
+            # (N, 50, char_dim) -> (N, char_dim, 50): Conv1d wants channels first.
+            embedded = self.char_embedding(char_ids).transpose(1, 2)
+            pooled = []
+            for conv in self.convolutions:
+                # Max over positions before the activation: same result (both are
+                # monotonic), fewer elements to activate.
+                pooled.append(self.activation(conv(embedded).amax(dim=-1)))
+            hidden = torch.cat(pooled, dim=-1)
         for highway in self.highways:
             hidden = highway(hidden)
         if self.projection is not None:
-            hidden = self.projection(hidden)
+            hidden = fast_linear(hidden, self.projection.weight, self.projection.bias)
         return hidden[:n_words]
 
 
@@ -377,63 +488,155 @@ class ProjectionLstmLayer(nn.Module):
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
 
+    def __getstate__(self) -> dict:
+        # The inference weights are derived (and may be oneDNN tensors that cannot be
+        # copied or pickled): copies and pickles rebuild them when needed.
+        state = dict(super().__getstate__())  # a copy: never touch the live module
+        state.pop("_inference_cache", None)
+        return state
+
+    def _inference_weights(self) -> "_InferenceWeights":
+        """The weights in the layout of the inference loop, cached while the parameters
+        are unchanged (same storage, same in-place version counter).
+
+        Per direction, as ``(out, in)`` matrices for :func:`fast_linear`: the input
+        and recurrent weights with the cell candidate's rows doubled (so that one
+        sigmoid over all gates also gives ``tanh(x) = 2 sigmoid(2x) - 1`` of the
+        candidate: doubling is exact in floating point), the bias with the forget
+        offset added (candidate part doubled too), and the projection.
+        """
+        params = (self.input_weight, self.recurrent_weight, self.bias, self.projection_weight)
+        key = (USE_ONEDNN_LINEAR, *((p.data_ptr(), p._version, p.device, p.dtype) for p in params))
+        cached = getattr(self, "_inference_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            scale = torch.ones(4 * self.cell_dim, dtype=self.bias.dtype, device=self.bias.device)
+            scale[2 * self.cell_dim : 3 * self.cell_dim] = 2.0
+            bias = (self.bias + self.forget_bias_offset) * scale
+            weights = _InferenceWeights(
+                input_weight=[(w.t() * scale.unsqueeze(1)).contiguous() for w in self.input_weight],
+                input_bias=[b.contiguous() for b in bias],
+                recurrent_weight=[
+                    (w.t() * scale.unsqueeze(1)).contiguous() for w in self.recurrent_weight
+                ],
+                projection_weight=[w.t().contiguous() for w in self.projection_weight],
+            )
+        if self.bias.device.type == "cpu" and self.bias.dtype == torch.float32:
+            weights = _InferenceWeights(
+                input_weight=[_prepacked(w, 1024) for w in weights.input_weight],
+                input_bias=weights.input_bias,
+                recurrent_weight=[_prepacked(w, 128) for w in weights.recurrent_weight],
+                projection_weight=[_prepacked(w, 128) for w in weights.projection_weight],
+            )
+        # A plain attribute, not a buffer: never saved, rebuilt after any weight change.
+        self._inference_cache = (key, weights)
+        return weights
+
     def _forward_prefix(self, inputs: Tensor, n_active: List[int]) -> Tensor:
         """Inference-only :meth:`forward` when the active rows of every step are a prefix.
 
         Rows sorted by length, longest first (as the backend's batches are), make
-        ``active[t]`` the first ``n_active[t]`` rows, non-increasing in ``t``. Then a
-        step only computes its active rows (padded to ``ROW_MULTIPLE`` for the matmul
-        kernels), a finished row's state is never read again (so it is not carried
-        with ``where``), the input gates of a block skip rows that are finished when
-        the block starts, and the gate arithmetic runs in place in the gate buffer.
-        Same maths as :meth:`forward`, up to float32 rounding; a row's result is
-        still independent of the other rows (every matmul has a padded row count,
-        every elementwise op works on whole rows).
+        ``active[t]`` the first ``n_active[t]`` rows, non-increasing in ``t``. Then:
+
+        * each direction runs its own time loop (they are independent);
+        * the input part of the gates is computed for blocks of steps in one matmul
+          over the rows that are active at the block's first step only (no padded
+          time steps), the block's row count padded to ``ROW_MULTIPLE``, within
+          ``INFERENCE_GATE_BUDGET``;
+        * a step computes only its active rows (padded to ``ROW_MULTIPLE`` for the
+          matmul kernels); a finished row's state is never read again;
+        * one in-place sigmoid covers all four gates: the candidate's
+          pre-activation is doubled in the weights, and ``tanh(x) = 2 sigmoid(2x) - 1``
+          (this torch build's CPU ``tanh`` was ~10x slower than ``sigmoid``), for the
+          cell output too; the gate arithmetic runs in place;
+        * the matmuls go through :func:`fast_linear` (oneDNN on CPU).
+
+        Same maths as :meth:`forward` up to float32 rounding (the sigmoid form of
+        tanh differs from ``tanh`` by < 2e-7); a row's result is independent of the
+        other rows (every matmul has a padded row count, every elementwise op works
+        on whole rows).
         """
-        n_dirs, n_steps, batch_size, _ = inputs.shape
-        n_rows = padded_size(batch_size)
+        n_dirs, n_steps, batch_size, input_dim = inputs.shape
+        weights = self._inference_weights()
         cell_dim = self.cell_dim
-        cell = inputs.new_zeros(n_dirs, n_rows, cell_dim)
-        hidden = inputs.new_zeros(n_dirs, n_rows, self.projection_dim)
+        n_rows = padded_size(batch_size)
         output = inputs.new_zeros(n_dirs, n_steps, batch_size, self.projection_dim)
-        block_steps = self.block_steps(batch_size)
-        for block_start in range(0, n_steps, block_steps):
-            n_block = min(block_steps, n_steps - block_start)
-            block_rows = n_active[block_start]  # rows past it are finished for the whole block
-            if block_rows == 0:
-                break
-            block = inputs[:, block_start : block_start + n_block, :block_rows]
-            # A multiple of ROW_MULTIPLE steps, so the matmul's row count is one too.
-            block = F.pad(block, (0, 0, 0, 0, 0, padded_size(n_block) - n_block))
-            block_gates = self.input_gates(block)
-            for offset in range(n_block):
-                step = block_start + offset
-                n = n_active[step]
-                if n == 0:
-                    break
-                m = padded_size(n)
-                # (2, m, 4*cell): recurrent part for the padded rows; rows >= n are ignored.
-                gates = torch.bmm(hidden[:, :m], self.recurrent_weight)
-                real = gates[:, :n]
-                real.add_(block_gates[:, offset, :n])
-                real[..., : 2 * cell_dim].sigmoid_()  # input and forget gates
-                candidate = real[..., 2 * cell_dim : 3 * cell_dim].tanh_()
-                out_gate = real[..., 3 * cell_dim :].sigmoid_()
-                state = cell[:, :n]
-                state.mul_(real[..., cell_dim : 2 * cell_dim])
-                state.add_(candidate.mul_(real[..., :cell_dim]))
-                if self.cell_clip is not None:
-                    state.clamp_(-self.cell_clip, self.cell_clip)
-                # The candidate's slot now holds the cell output (padded rows: finite junk).
-                candidate.copy_(state).tanh_().mul_(out_gate)
-                new_hidden = torch.bmm(gates[:, :, 2 * cell_dim : 3 * cell_dim], self.projection_weight)
-                real_hidden = new_hidden[:, :n]
-                if self.proj_clip is not None:
-                    real_hidden.clamp_(-self.proj_clip, self.proj_clip)
-                hidden[:, :n] = real_hidden
-                output[:, step, :n] = real_hidden
-            del block_gates
+        # Steps that have rows at all (counts are non-increasing).
+        n_run = next((t for t, n in enumerate(n_active) if n == 0), n_steps)
+        blocks = _gate_blocks(n_active[:n_run], INFERENCE_GATE_BUDGET // (4 * cell_dim))
+        for direction in range(n_dirs):
+            w_in = weights.input_weight[direction]
+            b_in = weights.input_bias[direction]
+            w_rec = weights.recurrent_weight[direction]
+            w_proj = weights.projection_weight[direction]
+            # Row-strided views (see ROW_GAP): the cell state and a scratch buffer.
+            cell = inputs.new_zeros(n_rows, cell_dim + ROW_GAP)[:, :cell_dim]
+            scratch = inputs.new_zeros(n_rows, cell_dim + ROW_GAP)[:, :cell_dim]
+            # Contiguous, so the projection reads its first m rows without a copy;
+            # rows past the active ones hold finite leftovers that are never used.
+            cell_output = inputs.new_zeros(n_rows, cell_dim)
+            hidden = inputs.new_zeros(n_rows, self.projection_dim)
+            for block_start, block_end in blocks:
+                block_rows = n_active[block_start]
+                block = inputs[direction, block_start:block_end, :block_rows].reshape(-1, input_dim)
+                n_block = block.shape[0]
+                block = F.pad(block, (0, 0, 0, padded_size(n_block) - n_block))
+                block_gates = fast_linear(block, w_in, b_in)  # (steps x rows, 4 * cell)
+                for step in range(block_start, block_end):
+                    n = n_active[step]
+                    m = padded_size(n)
+                    offset = (step - block_start) * block_rows
+                    # (m, 4*cell): recurrent part for the padded rows; rows >= n are ignored.
+                    gates = fast_linear(hidden[:m], w_rec)
+                    real = gates[:n]
+                    real.add_(block_gates[offset : offset + n])
+                    # Two row-strided halves, not one contiguous block (see ROW_GAP).
+                    real[:, : 2 * cell_dim].sigmoid_()
+                    real[:, 2 * cell_dim :].sigmoid_()
+                    in_gate, forget_gate, candidate, out_gate = real.split(cell_dim, dim=1)
+                    candidate.mul_(2.0).sub_(1.0)  # = tanh of the candidate's pre-activation
+                    state = cell[:n]
+                    state.mul_(forget_gate).addcmul_(in_gate, candidate)
+                    if self.cell_clip is not None:
+                        state.clamp_(-self.cell_clip, self.cell_clip)
+                    # cell output = out_gate * tanh(state) = out_gate * (2 sigmoid(2 state) - 1)
+                    squashed = torch.mul(state, 2.0, out=scratch[:n]).sigmoid_().mul_(2.0).sub_(1.0)
+                    torch.mul(squashed, out_gate, out=cell_output[:n])
+                    hidden = fast_linear(cell_output[:m], w_proj)
+                    real_hidden = hidden[:n]
+                    if self.proj_clip is not None:
+                        real_hidden.clamp_(-self.proj_clip, self.proj_clip)
+                    output[direction, step, :n] = real_hidden
+                del block_gates
         return output
+
+
+class _InferenceWeights(NamedTuple):
+    """Per-direction weights of :meth:`ProjectionLstmLayer._forward_prefix` (see
+    :meth:`ProjectionLstmLayer._inference_weights`)."""
+
+    input_weight: List[Tensor]  # (4 * cell, input), candidate rows doubled
+    input_bias: List[Tensor]  # (4 * cell,), forget offset added, candidate doubled
+    recurrent_weight: List[Tensor]  # (4 * cell, projection), candidate rows doubled
+    projection_weight: List[Tensor]  # (projection, cell)
+
+
+def _gate_blocks(n_active: Sequence[int], max_rows: int) -> List[Tuple[int, int]]:
+    """Split steps into ``(start, end)`` blocks for the input-gate matmul.
+
+    A block's matmul has ``(end - start) * n_active[start]`` rows (the rows active
+    at its first step; counts are non-increasing): at most ``max_rows``, or one step
+    if that step alone has more rows.
+    """
+    blocks: List[Tuple[int, int]] = []
+    start = 0
+    while start < len(n_active):
+        steps = max(1, max_rows // max(1, n_active[start]))
+        end = min(len(n_active), start + steps)
+        blocks.append((start, end))
+        start = end
+    return blocks
 
 
 def _prefix_counts(active: Tensor) -> Optional[List[int]]:
