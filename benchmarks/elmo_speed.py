@@ -88,6 +88,7 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
     docs = list(nlp.pipe(_sentences(args.n_sents)))
     n_words = sum(1 for doc in docs for t in doc if not t.is_space)
     times: List[float] = []
+    cpu_times: List[float] = []
     with torch.no_grad():
         # Warm-up: a few Docs, or all of them when the word cache is to be warm.
         warm_docs = docs if args.warm_cache else docs[: min(len(docs), 8)]
@@ -95,9 +96,10 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         for _ in range(args.repeats):
             if not args.warm_cache:
                 backend.word_cache.clear()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             backend.encode_docs(docs, max_batch_tokens=args.max_batch_tokens)
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     return {
         "source": str(Path(spacy_ctx.__file__).resolve().parents[1]),
         "n_sents": len(docs),
@@ -106,6 +108,10 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         "torch_threads_after": torch.get_num_threads(),
         "times_s": times,
         "words_per_s": [n_words / t for t in times],
+        # CPU seconds of the process (all threads): with 1 thread, words per CPU second
+        # hardly depends on other processes, unlike words per wall second.
+        "cpu_s": cpu_times,
+        "words_per_cpu_s": [n_words / t for t in cpu_times],
     }
 
 
@@ -151,24 +157,30 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise SystemExit(f"run for {src} failed")
             record = json.loads(result.stdout.strip().splitlines()[-1])
             runs[src].append(record)
-            print(f"  repeat {repeat + 1}/{args.repeats} {src}: {record['words_per_s'][0]:,.0f} words/s",
-                  flush=True)
+            print(f"  repeat {repeat + 1}/{args.repeats} {src}: {record['words_per_s'][0]:,.0f} words/s, "
+                  f"{record['words_per_cpu_s'][0]:,.0f} words/cpu-s", flush=True)
 
     rows = []
-    first = None
+    first = first_cpu = None
     for src in sources:
         speeds = [r["words_per_s"][0] for r in runs[src]]
+        cpu_speeds = [r["words_per_cpu_s"][0] for r in runs[src]]
         median = statistics.median(speeds)
+        cpu_median = statistics.median(cpu_speeds)
         first = first or median
+        first_cpu = first_cpu or cpu_median
         rows.append({"source": src, "median_words_per_s": median, "words_per_s": speeds,
-                     "ratio_to_first": median / first, "n_words": runs[src][0]["n_words"],
-                     "n_sents": runs[src][0]["n_sents"]})
+                     "ratio_to_first": median / first,
+                     "median_words_per_cpu_s": cpu_median, "words_per_cpu_s": cpu_speeds,
+                     "cpu_ratio_to_first": cpu_median / first_cpu,
+                     "n_words": runs[src][0]["n_words"], "n_sents": runs[src][0]["n_sents"]})
     print(f"\nELMo '{args.preset}', {rows[0]['n_sents']} sentences, {rows[0]['n_words']} words, "
           f"{args.threads} thread(s), {'warm' if args.warm_cache else 'cold'} word cache, "
           f"{args.repeats} alternating repeats")
-    print(f"{'source':<40} {'median words/s':>15} {'ratio':>7}   all")
+    print(f"{'source':<40} {'median words/s':>15} {'ratio':>7} {'words/cpu-s':>12} {'ratio':>7}   all words/s")
     for row in rows:
-        print(f"{row['source']:<40} {row['median_words_per_s']:>15,.0f} {row['ratio_to_first']:>6.2f}x   "
+        print(f"{row['source']:<40} {row['median_words_per_s']:>15,.0f} {row['ratio_to_first']:>6.2f}x "
+              f"{row['median_words_per_cpu_s']:>12,.0f} {row['cpu_ratio_to_first']:>6.2f}x   "
               + " ".join(f"{s:,.0f}" for s in row["words_per_s"]))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

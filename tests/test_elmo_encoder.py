@@ -19,6 +19,7 @@ import pytest
 import spacy
 import torch
 from spacy.tokens import Doc
+from torch.nn import functional as F
 
 from spacy_ctx.backends.elmo import ElmoBackend
 from spacy_ctx.backends.word_cache import WordEmbeddingCache, embed_distinct_words
@@ -128,10 +129,14 @@ def test_fixture_char_ids_match_allennlp(fixture_dir: Path) -> None:
         assert mask.sum(axis=1).tolist() == [len(s) + 2 for s in batch]
 
 
+@pytest.mark.parametrize("loop", ["default", "per_direction", "stacked", "plain"])
 def test_fixture_all_layers_match_allennlp_fresh_state(
-    fixture_dir: Path, fixture_model: ElmoBiLM
+    fixture_dir: Path, fixture_model: ElmoBiLM, monkeypatch: pytest.MonkeyPatch, loop: str
 ) -> None:
-    """The biLM over <S> sentence </S> equals AllenNLP at every position, boundaries included."""
+    """The biLM over <S> sentence </S> equals AllenNLP at every position, boundaries
+    included, with every inference loop (see ``use_loop``)."""
+    if loop != "default":
+        use_loop(monkeypatch, loop)
     reference = np.load(fixture_dir / "allennlp_outputs.npz")
     worst = np.zeros(3)
     for i, batch in enumerate(fixture_batches(fixture_dir)):
@@ -671,6 +676,103 @@ def test_step_threads_limits_and_restores(monkeypatch: pytest.MonkeyPatch) -> No
     finally:
         torch.set_num_threads(saved)
     assert seen == [1, 2]
+
+
+def ragged_sentences(n: int, seed: int) -> List[List[str]]:
+    """``n`` sentences of random lengths 0-40 (empty and one-word ones included)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 41, size=n).tolist() + [0, 1, 1, 2]
+    return [[f"w{int(k)}" for k in rng.integers(0, 60, size=length)] for length in lengths]
+
+
+def use_loop(monkeypatch: pytest.MonkeyPatch, loop: str) -> None:
+    """Select the inference LSTM loop: ``per_direction`` (oneDNN, each direction alone,
+    as the published models run on CPU), ``stacked`` (both directions, batched
+    matmuls: small layers) or ``plain`` (no oneDNN anywhere)."""
+    if loop != "plain" and not elmo_module._has_onednn_linear():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(elmo_module, "USE_ONEDNN_LINEAR", loop != "plain")
+    monkeypatch.setattr(elmo_module, "ONEDNN_MIN_CELL_DIM", 1 if loop == "per_direction" else 1 << 30)
+
+
+@pytest.mark.parametrize("loop", ["per_direction", "stacked", "plain"])
+def test_ragged_batch_alone_equals_batched_and_autograd(
+    tiny_model: ElmoBiLM, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    """More than ROW_MULTIPLE rows of ragged lengths (the active count crosses several
+    multiples of 16 as rows finish), empty and one-word sentences: each sentence alone
+    equals its row of the batch bitwise, in any order, with oneDNN or F.linear matmuls;
+    and the inference path is as close to a float64 run of the autograd path as the
+    float32 autograd path is (rounding over 40 steps and 2 layers: a few 1e-6)."""
+    import copy
+
+    use_loop(monkeypatch, loop)
+    sentences = ragged_sentences(40, seed=1)
+    ids, lengths = batch_char_ids(sentences)
+    with torch.no_grad():
+        batch = tiny_model(ids, lengths)
+        order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0))
+        shuffled = tiny_model(ids[order], lengths[order])
+    with torch.enable_grad():
+        reference = tiny_model(ids, lengths).detach().double()
+        exact = copy.deepcopy(tiny_model).double()(ids, lengths).detach()
+    error = (batch.double() - exact).abs().max().item()
+    assert error < max(1e-5, 2 * (reference - exact).abs().max().item())
+    assert torch.equal(shuffled, batch[:, order])
+    for row, sentence in enumerate(sentences):
+        if row % 3 and len(sentence) > 1:
+            continue  # a third of them, and every short one, keep the test fast
+        alone = run(tiny_model, [sentence])[:, 0]
+        assert torch.equal(batch[:, row, : len(sentence)], alone), f"sentence {row} ({len(sentence)} words)"
+        assert not batch[:, row, len(sentence) :].any()
+
+
+def test_inference_loops_agree(tiny_model: ElmoBiLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-direction oneDNN loop, the stacked loop and the no-oneDNN path give the
+    same vectors to float32 rounding (char CNN and LSTM; the AllenNLP parity bound is
+    1e-5)."""
+    sentences = ragged_sentences(12, seed=2)
+    results = {}
+    for loop in ("per_direction", "stacked", "plain"):
+        use_loop(monkeypatch, loop)
+        results[loop] = run(tiny_model, sentences)
+    torch.testing.assert_close(results["per_direction"], results["plain"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(results["stacked"], results["plain"], rtol=0, atol=1e-5)
+
+
+def test_fast_linear_matches_f_linear() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 24, generator=generator)
+    weight = torch.randn(40, 24, generator=generator)
+    bias = torch.randn(40, generator=generator)
+    with torch.no_grad():
+        for w in (weight, elmo_module._prepacked(weight, 16)):
+            torch.testing.assert_close(elmo_module.fast_linear(x, w, bias), F.linear(x, weight, bias))
+            # Row independence: a row's result does not depend on the other rows.
+            assert torch.equal(elmo_module.fast_linear(x[:16], w, bias), elmo_module.fast_linear(x, w, bias)[:16])
+
+
+def test_inference_weights_follow_weight_changes(tiny_files: tuple[Path, Path]) -> None:
+    """The inference loop's derived (transposed, prepacked) weights are rebuilt after an
+    in-place change of the parameters, and never copied or pickled with the model."""
+    import copy
+    import pickle
+
+    model = load_elmo(*tiny_files)
+    ids, lengths = batch_char_ids(SENTENCES)
+    with torch.no_grad():
+        before = model(ids, lengths)
+        copied = copy.deepcopy(model)
+        pickled = pickle.loads(pickle.dumps(model))
+        assert torch.equal(copied(ids, lengths), before) and torch.equal(pickled(ids, lengths), before)
+        assert hasattr(model.lstm.layers[0], "_inference_cache")
+        model.lstm.layers[0].recurrent_weight.mul_(0.5)
+        model.char_encoder.convolutions[0].weight.mul_(0.5)
+        after = model(ids, lengths)
+    with torch.enable_grad():
+        reference = model(ids, lengths).detach()
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, reference, rtol=0, atol=2e-6)
 
 
 # --------------------------------------------------------------------------

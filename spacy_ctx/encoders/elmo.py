@@ -80,6 +80,12 @@ INPUT_GATE_BUDGET = 1 << 20
 #: Its blocks hold only the rows that are active in the block, not padded steps.
 INFERENCE_GATE_BUDGET = 1 << 22
 
+#: Smallest LSTM cell dim whose inference loop runs direction by direction with
+#: oneDNN matmuls (see :meth:`ProjectionLstmLayer._per_direction`); smaller layers
+#: (test fixtures) run both directions in one batched op, as their time goes to
+#: per-op overhead. The published models have 1,024 to 4,096.
+ONEDNN_MIN_CELL_DIM = 256
+
 #: Most float elements of char CNN activations computed at once; words are run
 #: through the CNN in chunks that fit it (:meth:`ElmoCharEncoder.forward`).
 CHAR_CNN_BUDGET = 1 << 22
@@ -495,18 +501,34 @@ class ProjectionLstmLayer(nn.Module):
         state.pop("_inference_cache", None)
         return state
 
-    def _inference_weights(self) -> "_InferenceWeights":
+    def _per_direction(self, inputs: Tensor) -> bool:
+        """Whether the inference loop runs each direction alone with oneDNN matmuls
+        (large layers on CPU in float32), rather than both directions at once with
+        batched matmuls (small layers, whose steps cost per op, not per FLOP; GPUs)."""
+        return (
+            USE_ONEDNN_LINEAR
+            and inputs.device.type == "cpu"
+            and inputs.dtype == torch.float32
+            and self.cell_dim >= ONEDNN_MIN_CELL_DIM
+        )
+
+    def _inference_weights(self, per_direction: bool) -> "_InferenceWeights":
         """The weights in the layout of the inference loop, cached while the parameters
         are unchanged (same storage, same in-place version counter).
 
-        Per direction, as ``(out, in)`` matrices for :func:`fast_linear`: the input
-        and recurrent weights with the cell candidate's rows doubled (so that one
-        sigmoid over all gates also gives ``tanh(x) = 2 sigmoid(2x) - 1`` of the
-        candidate: doubling is exact in floating point), the bias with the forget
-        offset added (candidate part doubled too), and the projection.
+        The input and recurrent weights have the cell candidate's part doubled (so
+        that one sigmoid over all gates also gives ``tanh(x) = 2 sigmoid(2x) - 1`` of
+        the candidate: doubling is exact in floating point), the bias has the forget
+        offset added (candidate part doubled too). ``per_direction``: one
+        ``(out, in)`` matrix per direction for :func:`fast_linear`, prepacked for
+        oneDNN; else ``(2, in, out)`` stacks for batched matmuls.
         """
         params = (self.input_weight, self.recurrent_weight, self.bias, self.projection_weight)
-        key = (USE_ONEDNN_LINEAR, *((p.data_ptr(), p._version, p.device, p.dtype) for p in params))
+        key = (
+            per_direction,
+            USE_ONEDNN_LINEAR,
+            *((p.data_ptr(), p._version, p.device, p.dtype) for p in params),
+        )
         cached = getattr(self, "_inference_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -514,21 +536,24 @@ class ProjectionLstmLayer(nn.Module):
             scale = torch.ones(4 * self.cell_dim, dtype=self.bias.dtype, device=self.bias.device)
             scale[2 * self.cell_dim : 3 * self.cell_dim] = 2.0
             bias = (self.bias + self.forget_bias_offset) * scale
-            weights = _InferenceWeights(
-                input_weight=[(w.t() * scale.unsqueeze(1)).contiguous() for w in self.input_weight],
-                input_bias=[b.contiguous() for b in bias],
-                recurrent_weight=[
-                    (w.t() * scale.unsqueeze(1)).contiguous() for w in self.recurrent_weight
-                ],
-                projection_weight=[w.t().contiguous() for w in self.projection_weight],
-            )
-        if self.bias.device.type == "cpu" and self.bias.dtype == torch.float32:
-            weights = _InferenceWeights(
-                input_weight=[_prepacked(w, 1024) for w in weights.input_weight],
-                input_bias=weights.input_bias,
-                recurrent_weight=[_prepacked(w, 128) for w in weights.recurrent_weight],
-                projection_weight=[_prepacked(w, 128) for w in weights.projection_weight],
-            )
+            input_weight = self.input_weight * scale
+            recurrent_weight = self.recurrent_weight * scale
+            if per_direction:
+                weights = _InferenceWeights(
+                    input_weight=[_prepacked(w.t().contiguous(), 1024) for w in input_weight],
+                    input_bias=[b.contiguous() for b in bias],
+                    recurrent_weight=[_prepacked(w.t().contiguous(), 128) for w in recurrent_weight],
+                    projection_weight=[
+                        _prepacked(w.t().contiguous(), 128) for w in self.projection_weight
+                    ],
+                )
+            else:
+                weights = _InferenceWeights(
+                    input_weight=[input_weight],
+                    input_bias=[bias.unsqueeze(1)],
+                    recurrent_weight=[recurrent_weight],
+                    projection_weight=[self.projection_weight.detach()],
+                )
         # A plain attribute, not a buffer: never saved, rebuilt after any weight change.
         self._inference_cache = (key, weights)
         return weights
@@ -539,7 +564,6 @@ class ProjectionLstmLayer(nn.Module):
         Rows sorted by length, longest first (as the backend's batches are), make
         ``active[t]`` the first ``n_active[t]`` rows, non-increasing in ``t``. Then:
 
-        * each direction runs its own time loop (they are independent);
         * the input part of the gates is computed for blocks of steps in one matmul
           over the rows that are active at the block's first step only (no padded
           time steps), the block's row count padded to ``ROW_MULTIPLE``, within
@@ -550,76 +574,94 @@ class ProjectionLstmLayer(nn.Module):
           pre-activation is doubled in the weights, and ``tanh(x) = 2 sigmoid(2x) - 1``
           (this torch build's CPU ``tanh`` was ~10x slower than ``sigmoid``), for the
           cell output too; the gate arithmetic runs in place;
-        * the matmuls go through :func:`fast_linear` (oneDNN on CPU).
+        * large layers on CPU (:meth:`_per_direction`) run each direction's loop
+          alone with oneDNN matmuls (:func:`fast_linear`); others run both
+          directions at once with batched matmuls (half the ops per step).
 
         Same maths as :meth:`forward` up to float32 rounding (the sigmoid form of
         tanh differs from ``tanh`` by < 2e-7); a row's result is independent of the
         other rows (every matmul has a padded row count, every elementwise op works
-        on whole rows).
+        on whole rows, see ``ROW_GAP``).
         """
         n_dirs, n_steps, batch_size, input_dim = inputs.shape
-        weights = self._inference_weights()
+        per_direction = self._per_direction(inputs)
+        weights = self._inference_weights(per_direction)
+        groups = [slice(d, d + 1) for d in range(n_dirs)] if per_direction else [slice(0, n_dirs)]
         cell_dim = self.cell_dim
         n_rows = padded_size(batch_size)
         output = inputs.new_zeros(n_dirs, n_steps, batch_size, self.projection_dim)
         # Steps that have rows at all (counts are non-increasing).
         n_run = next((t for t, n in enumerate(n_active) if n == 0), n_steps)
         blocks = _gate_blocks(n_active[:n_run], INFERENCE_GATE_BUDGET // (4 * cell_dim))
-        for direction in range(n_dirs):
-            w_in = weights.input_weight[direction]
-            b_in = weights.input_bias[direction]
-            w_rec = weights.recurrent_weight[direction]
-            w_proj = weights.projection_weight[direction]
+        for index, dirs in enumerate(groups):
+            w_in, b_in, w_rec, w_proj = (
+                weights.input_weight[index],
+                weights.input_bias[index],
+                weights.recurrent_weight[index],
+                weights.projection_weight[index],
+            )
+            n_group = len(range(*dirs.indices(n_dirs)))
             # Row-strided views (see ROW_GAP): the cell state and a scratch buffer.
-            cell = inputs.new_zeros(n_rows, cell_dim + ROW_GAP)[:, :cell_dim]
-            scratch = inputs.new_zeros(n_rows, cell_dim + ROW_GAP)[:, :cell_dim]
-            # Contiguous, so the projection reads its first m rows without a copy;
+            cell = inputs.new_zeros(n_group, n_rows, cell_dim + ROW_GAP)[..., :cell_dim]
+            scratch = inputs.new_zeros(n_group, n_rows, cell_dim + ROW_GAP)[..., :cell_dim]
+            # Contiguous rows, so the projection reads its first m rows without a copy;
             # rows past the active ones hold finite leftovers that are never used.
-            cell_output = inputs.new_zeros(n_rows, cell_dim)
-            hidden = inputs.new_zeros(n_rows, self.projection_dim)
+            cell_output = inputs.new_zeros(n_group, n_rows, cell_dim)
+            hidden = inputs.new_zeros(n_group, n_rows, self.projection_dim)
             for block_start, block_end in blocks:
                 block_rows = n_active[block_start]
-                block = inputs[direction, block_start:block_end, :block_rows].reshape(-1, input_dim)
-                n_block = block.shape[0]
+                block = inputs[dirs, block_start:block_end, :block_rows].reshape(n_group, -1, input_dim)
+                n_block = block.shape[1]
                 block = F.pad(block, (0, 0, 0, padded_size(n_block) - n_block))
-                block_gates = fast_linear(block, w_in, b_in)  # (steps x rows, 4 * cell)
+                block_gates = _group_linear(block, w_in, b_in)  # (group, steps x rows, 4 * cell)
                 for step in range(block_start, block_end):
                     n = n_active[step]
                     m = padded_size(n)
                     offset = (step - block_start) * block_rows
-                    # (m, 4*cell): recurrent part for the padded rows; rows >= n are ignored.
-                    gates = fast_linear(hidden[:m], w_rec)
-                    real = gates[:n]
-                    real.add_(block_gates[offset : offset + n])
+                    # (group, m, 4*cell): recurrent part for the padded rows; rows >= n are ignored.
+                    gates = _group_linear(hidden[:, :m], w_rec)
+                    real = gates[:, :n]
+                    real.add_(block_gates[:, offset : offset + n])
                     # Two row-strided halves, not one contiguous block (see ROW_GAP).
-                    real[:, : 2 * cell_dim].sigmoid_()
-                    real[:, 2 * cell_dim :].sigmoid_()
-                    in_gate, forget_gate, candidate, out_gate = real.split(cell_dim, dim=1)
+                    real[..., : 2 * cell_dim].sigmoid_()
+                    real[..., 2 * cell_dim :].sigmoid_()
+                    in_gate, forget_gate, candidate, out_gate = real.split(cell_dim, dim=-1)
                     candidate.mul_(2.0).sub_(1.0)  # = tanh of the candidate's pre-activation
-                    state = cell[:n]
+                    state = cell[:, :n]
                     state.mul_(forget_gate).addcmul_(in_gate, candidate)
                     if self.cell_clip is not None:
                         state.clamp_(-self.cell_clip, self.cell_clip)
                     # cell output = out_gate * tanh(state) = out_gate * (2 sigmoid(2 state) - 1)
-                    squashed = torch.mul(state, 2.0, out=scratch[:n]).sigmoid_().mul_(2.0).sub_(1.0)
-                    torch.mul(squashed, out_gate, out=cell_output[:n])
-                    hidden = fast_linear(cell_output[:m], w_proj)
-                    real_hidden = hidden[:n]
+                    squashed = torch.mul(state, 2.0, out=scratch[:, :n]).sigmoid_().mul_(2.0).sub_(1.0)
+                    torch.mul(squashed, out_gate, out=cell_output[:, :n])
+                    hidden = _group_linear(cell_output[:, :m], w_proj)
+                    real_hidden = hidden[:, :n]
                     if self.proj_clip is not None:
                         real_hidden.clamp_(-self.proj_clip, self.proj_clip)
-                    output[direction, step, :n] = real_hidden
+                    output[dirs, step, :n] = real_hidden
                 del block_gates
         return output
 
 
 class _InferenceWeights(NamedTuple):
-    """Per-direction weights of :meth:`ProjectionLstmLayer._forward_prefix` (see
-    :meth:`ProjectionLstmLayer._inference_weights`)."""
+    """Weights of :meth:`ProjectionLstmLayer._forward_prefix`, one entry per direction
+    group (see :meth:`ProjectionLstmLayer._inference_weights`)."""
 
-    input_weight: List[Tensor]  # (4 * cell, input), candidate rows doubled
-    input_bias: List[Tensor]  # (4 * cell,), forget offset added, candidate doubled
-    recurrent_weight: List[Tensor]  # (4 * cell, projection), candidate rows doubled
-    projection_weight: List[Tensor]  # (projection, cell)
+    input_weight: List[Tensor]  # candidate part doubled
+    input_bias: List[Tensor]  # forget offset added, candidate part doubled
+    recurrent_weight: List[Tensor]  # candidate part doubled
+    projection_weight: List[Tensor]
+
+
+def _group_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x`` (group, rows, in) times one direction group's weight: an ``(out, in)``
+    matrix for :func:`fast_linear` (a group of one direction) or a ``(group, in, out)``
+    stack for a batched matmul (``bias`` then ``(group, 1, out)``)."""
+    if weight.is_mkldnn or (weight.dim() == 2 and x.shape[0] == 1):
+        return fast_linear(x[0], weight, bias).unsqueeze(0)
+    if bias is None:
+        return torch.bmm(x, weight)
+    return torch.baddbmm(bias, x, weight)
 
 
 def _gate_blocks(n_active: Sequence[int], max_rows: int) -> List[Tuple[int, int]]:
