@@ -16,6 +16,7 @@ from ..encoders.family import TransformerEncoder, family_for
 from ..errors import CheckpointError, ConfigError
 from .batching import (
     OOM_ERRORS,
+    batch_overhead,
     batch_stats,
     free_device_memory,
     halved_budget,
@@ -229,7 +230,8 @@ class TransformerBackend(Backend):
             "n_positions": sum(lengths) + n_specials * len(lengths),
         }
         if max_batch_tokens is not None:
-            stats.update(batch_stats([n + n_specials for n in lengths], max_batch_tokens))
+            stats.update(batch_stats([n + n_specials for n in lengths], max_batch_tokens,
+                                     overhead=batch_overhead(self.device)))
         return stats
 
     def batch_shapes(self, docs: Sequence, *, max_batch_tokens: int) -> List[Tuple[int, int]]:
@@ -239,7 +241,9 @@ class TransformerBackend(Backend):
         _, plans = self._plan(docs)
         n_specials = self.pieces.n_specials
         lengths = [end - start + n_specials for plan in plans for start, end in plan.spans]
-        batches = pack_by_length(lengths, self.batch_budget(max_batch_tokens))
+        batches = pack_by_length(
+            lengths, self.batch_budget(max_batch_tokens), overhead=batch_overhead(self.device)
+        )
         return [(len(batch), max(lengths[i] for i in batch)) for batch in batches]
 
     # -- encoding -----------------------------------------------------------------
@@ -307,11 +311,14 @@ class TransformerBackend(Backend):
         n_prefix = len(self.pieces.prefix_ids)
         lengths = [end - start + self.pieces.n_specials for _, start, end, _ in windows]
         budget = initial = self.batch_budget(max_batch_tokens)
+        # Split where padding would cost more than another forward pass (CPU: short
+        # documents of mixed lengths are not padded to the longest of the batch).
+        overhead = batch_overhead(self.device)
         todo = list(range(len(windows)))  # windows not encoded yet
         while todo:
             batches = [
                 [todo[j] for j in batch]
-                for batch in pack_by_length([lengths[i] for i in todo], budget)
+                for batch in pack_by_length([lengths[i] for i in todo], budget, overhead=overhead)
             ]
             todo = []
             for n, batch in enumerate(batches):
