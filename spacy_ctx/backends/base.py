@@ -8,7 +8,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Type, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -27,6 +27,11 @@ BACKEND_FILE = "backend.json"
 POOLING_METHODS = ("mean", "first", "last", "max")
 # The explicit autocast dtypes; "auto" resolves per device (see .precision).
 MIXED_PRECISION = AUTOCAST_DTYPES
+# Device types on which mixed_precision = "auto" may choose bf16 (where native), per
+# family; others: CUDA and CPU. ELMo's per-step LSTM loop of small matmuls ran slower
+# under bf16 autocast on an AVX-512 BF16 CPU (847 vs 1,345 words/s, "small" ELMo), so its
+# "auto" stays float32 on CPU.
+AUTO_BF16_DEVICES: Dict[str, Tuple[str, ...]] = {"elmo": ("cuda",)}
 
 
 @dataclass
@@ -164,7 +169,13 @@ class Backend(nn.Module):
         choices = self.__dict__["_precision_choices"]
         key = str(device)
         if key not in choices:
-            choices[key] = choice = resolve_precision(self.mixed_precision, device)
+            choice = resolve_precision(self.mixed_precision, device)
+            allowed = AUTO_BF16_DEVICES.get(self.family, ("cuda", "cpu"))
+            if self.mixed_precision == "auto" and device.type not in allowed:
+                choice = PrecisionChoice(
+                    "fp32", f"auto: bf16 is slower than float32 for {self.family} on {device.type}"
+                )
+            choices[key] = choice
             if self.mixed_precision == "auto":
                 logger.info(
                     "%s: mixed_precision = 'auto' runs in %s on %s (%s)",
