@@ -66,7 +66,11 @@ def build_bert_encoder(
             quantize=quantize,
         )
 
-    return build_backend_layer(load, device=device)
+    return build_backend_layer(
+        load,
+        device=device,
+        runtime_settings={"mixed_precision": mixed_precision, "quantize": quantize},
+    )
 
 
 def build_elmo_encoder(
@@ -106,7 +110,9 @@ def build_elmo_encoder(
             mixed_precision=mixed_precision,
         )
 
-    return build_backend_layer(load, device=device)
+    return build_backend_layer(
+        load, device=device, runtime_settings={"mixed_precision": mixed_precision}
+    )
 
 
 def _pooling_or_default(pooling: Optional[Model[Ragged, Floats2d]]) -> Model[Ragged, Floats2d]:

@@ -147,6 +147,25 @@ def test_auto_is_saved_as_auto(tiny_bert_dir, tmp_path, monkeypatch):
     assert loaded.mixed_precision == "auto" and loaded.settings()["mixed_precision"] == "auto"
 
 
+def test_load_time_config_overrides_win_over_the_saved_backend(encoder, tmp_path):
+    """``spacy.load(path, config=...)`` overrides of the encoder's runtime settings apply
+    to the loaded backend (the config, not backend.json, is the source of truth)."""
+    family, source = encoder
+    name = f"ctx_{family}"
+    nlp = _nlp(family, source)
+    ref = _layers(nlp)
+    nlp.to_disk(tmp_path / "pipe")
+    bf16_ref = _layers(_nlp(family, source, mixed_precision="bf16"))
+    override = {"components": {name: {"model": {"mixed_precision": "bf16"}}}}
+    loaded = spacy.load(tmp_path / "pipe", config=override)
+    assert loaded.get_pipe(name).backend.mixed_precision == "bf16"
+    np.testing.assert_array_equal(_layers(loaded), bf16_ref)
+    # Without an override the saved setting (float32) is kept.
+    plain = spacy.load(tmp_path / "pipe")
+    assert plain.get_pipe(name).backend.mixed_precision is None
+    np.testing.assert_array_equal(_layers(plain), ref)
+
+
 def test_setting_precision_on_a_loaded_backend(tiny_elmo_files):
     nlp = _nlp("elmo", tiny_elmo_files)
     ref = _layers(nlp)

@@ -158,10 +158,15 @@ def test_serialization_keeps_int8_and_float32_weights(tiny_bert_dir, tmp_path):
     assert backend.quantize == "int8"
     assert all(torch.equal(fp32_weights[k], v) for k, v in backend.state_dict().items())
     np.testing.assert_allclose(_layers(loaded), before, rtol=1e-5, atol=1e-5)
-    # And to_bytes/from_bytes (nlp copies).
-    again = _nlp(tiny_bert_dir).from_bytes(nlp.to_bytes())
+    # And to_bytes/from_bytes (nlp copies). The receiving pipeline's config decides the
+    # runtime settings, as spacy.load's config does: int8 when it asks for int8 ...
+    again = _nlp(tiny_bert_dir, quantize="int8").from_bytes(nlp.to_bytes())
     assert again.get_pipe("ctx_bert").backend.quantize == "int8"
     np.testing.assert_allclose(_layers(again), before, rtol=1e-5, atol=1e-5)
+    # ... and float32 when it does not (same weights).
+    plain = _nlp(tiny_bert_dir).from_bytes(nlp.to_bytes())
+    assert plain.get_pipe("ctx_bert").backend.quantize is None
+    np.testing.assert_allclose(_layers(plain), _layers(_nlp(tiny_bert_dir)), rtol=1e-6, atol=1e-6)
 
 
 def test_switching_quantize_on_a_loaded_pipeline(tiny_bert_dir):

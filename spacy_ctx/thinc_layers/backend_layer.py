@@ -16,7 +16,7 @@ import tempfile
 import threading
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import srsly
 import torch
@@ -80,13 +80,24 @@ class BackendShim(PyTorchShim):
         self._grad_scaler.update()
 
 
-def build_backend_layer(loader: BackendLoader, *, device: Optional[str] = None) -> BackendLayer:
+def build_backend_layer(
+    loader: BackendLoader,
+    *,
+    device: Optional[str] = None,
+    runtime_settings: Optional[Dict[str, Any]] = None,
+) -> BackendLayer:
     """Wrap a lazily loaded backend as a Thinc model.
 
     device: torch device for the encoder (``"cuda:0"``...); None follows the
-    Thinc ops (CUDA when spaCy's GPU is active, else CPU). The attrs hold only
-    these construction-time settings; per-call settings (which layers, whether
-    to track gradients, the batch budget) are arguments of :func:`run_backend`.
+    Thinc ops (CUDA when spaCy's GPU is active, else CPU).
+    runtime_settings: backend attributes that may change on a loaded backend
+    (``mixed_precision``, ``quantize``), as the config gives them. They are applied
+    to every backend installed by :func:`set_backend`, so a pipeline read from disk
+    follows its config (``spacy.load(path, config=...)`` overrides) rather than the
+    values saved in ``backend.json``.
+    The attrs hold only these construction-time settings; per-call settings (which
+    layers, whether to track gradients, the batch budget) are arguments of
+    :func:`run_backend`.
     """
     if device is not None:
         try:
@@ -107,6 +118,7 @@ def build_backend_layer(loader: BackendLoader, *, device: Optional[str] = None) 
         attrs={
             "loader": loader,  # a function: Thinc skips it when serializing
             "device": device,
+            "runtime_settings": dict(runtime_settings or {}),
         },
     )
 
@@ -134,7 +146,14 @@ def ensure_backend(model: BackendLayer) -> Backend:
 
 
 def set_backend(model: BackendLayer, backend: Backend) -> None:
-    """Install a backend, on the configured device, in place of any previous one."""
+    """Install a backend, on the configured device, in place of any previous one.
+
+    The layer's runtime settings (see :func:`build_backend_layer`) win over the
+    backend's own: a loaded pipeline follows its config.
+    """
+    for key, value in model.attrs.get("runtime_settings", {}).items():
+        if getattr(backend, key, value) != value:
+            setattr(backend, key, value)  # validated by the backend's property setter
     backend.eval()
     shim: PyTorchShim = model.shims[0]
     device = _torch_device(model)
