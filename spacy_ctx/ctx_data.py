@@ -13,7 +13,8 @@ import numpy as np
 VECTOR_MODES = ("last", "mean")
 STORE_DTYPES = ("float32", "float16", "int8")
 _MSGPACK_KEY = "__spacy_ctx_data__"
-_INT8_MAX = 127
+INT8_MAX = 127  # int8 values lie in [-INT8_MAX, INT8_MAX] (symmetric)
+_INT8_MAX = INT8_MAX
 _UNSET: Any = object()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import srsly
@@ -20,7 +20,8 @@ from thinc.api import Model, Optimizer
 from spacy.training import validate_examples
 
 from ..backends import Backend, CtxOutput, load_backend
-from ..ctx_data import STORE_DTYPES
+from ..backends.base import to_host
+from ..ctx_data import INT8_MAX, STORE_DTYPES
 from ..doc_data import CtxData, install_vector_hooks
 from ..errors import ConfigError
 from ..thinc_layers.backend_layer import (
@@ -259,6 +260,7 @@ class CtxComponent(TrainablePipe):
         names = self.layer_names
         stored_names = [names[i] for i in stored]
         model_name = self.backend.name
+        store_dtype = self.cfg["store_dtype"]
         # predict() computed _keep_layers(...) in ascending order (None: every layer).
         keep = self._keep_layers(for_store=True, for_listeners=True)
         computed = list(range(len(names))) if keep is None else keep
@@ -276,13 +278,19 @@ class CtxComponent(TrainablePipe):
             if positions != list(range(layers.shape[0])):
                 layers = layers[torch.as_tensor(positions, device=layers.device)]
             pooled = output.with_layers(layers).pool("mean")
-            doc._.ctx = CtxData.from_float(
-                pooled.float().cpu().numpy(),
+            # Converted on the encoder's device before the copy to host memory: float16
+            # moves half the bytes, int8 (values + one scale per row) about a quarter.
+            if store_dtype == "int8":
+                values, scales = quantize_rows_on_device(pooled)
+            else:
+                values, scales = to_host(pooled, store_dtype), None
+            doc._.ctx = CtxData(
+                values,
                 stored_names,
                 model_name,
                 np.asarray(output.piece_counts, dtype=np.int32),
-                dtype=self.cfg["store_dtype"],
                 vector_mode=self.cfg["vector_mode"],
+                scales=scales,
             )
             if self.cfg["vector_hooks"]:
                 install_vector_hooks(doc)
@@ -472,3 +480,19 @@ def _resolve_store_layers(
             )
         indices[index] = entry
     return sorted(indices)
+
+
+def quantize_rows_on_device(pooled: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    """int8 values and float32 per-row scales of ``pooled`` (..., width), computed on its
+    device and then copied to host memory (a quarter of float32's bytes).
+
+    The same arithmetic as :func:`spacy_ctx.ctx_data.quantize_rows` (symmetric absmax
+    per row, ``round(x / scale)`` with ties to even, all in float32), so the values
+    are identical to quantizing the float32 array on the host.
+    """
+    rows = pooled.detach().float()
+    scales = rows.abs().amax(dim=-1) / float(INT8_MAX) if rows.shape[-1] else rows.new_zeros(rows.shape[:-1])
+    nonzero = (scales > 0)[..., None]
+    scaled = torch.where(nonzero, rows / torch.where(nonzero, scales[..., None], 1.0), 0.0)
+    values = scaled.round().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return values.cpu().numpy(), scales.cpu().numpy()
