@@ -60,19 +60,40 @@ def machine_info() -> Dict[str, Any]:
     return info
 
 
+#: (row key, title, format); ratios are words/s over the reference row's words/s.
 COLUMNS = [
     ("system", "system", "{}"),
     ("docs", "docs", "{}"),
     ("words", "words", "{}"),
     ("seconds", "seconds", "{:.2f}"),
     ("words_per_s", "words/s", "{:.0f}"),
-    ("docs_per_s", "docs/s", "{:.2f}"),
+    ("ratio_vs_spacy_transformers", "x spacy-trf", "{:.2f}"),
+    ("ratio_vs_hf_raw", "x HF", "{:.2f}"),
     ("words_per_s_best", "best words/s", "{:.0f}"),
     ("peak_rss_mib", "peak RSS MiB", "{:.0f}"),
-    ("torch_threads", "torch threads", "{}"),
-    ("device", "device", "{}"),
+    ("docbin_bytes_per_doc", "DocBin B/doc", "{:,.0f}"),
     ("cpu_seconds", "cpu s", "{:.1f}"),
+    ("torch_threads", "threads", "{}"),
+    ("device", "device", "{}"),
 ]
+#: Reference rows of the ratio columns: (row name, key suffix).
+REFERENCES = [("spacy_transformers", "spacy_transformers"), ("hf_raw", "hf_raw")]
+
+
+def add_ratios(rows: List[Dict[str, Any]]) -> None:
+    """``ratio_vs_<ref>`` (median words/s over the reference's) and
+    ``ratio_best_vs_<ref>`` (fastest pass over fastest pass) on every ok row, for each
+    reference row (spacy-transformers, raw HF) that ran in this job; in place."""
+    by_name = {r["system"]: r for r in rows if r.get("status") == "ok"}
+    for ref_name, key in REFERENCES:
+        ref = by_name.get(ref_name)
+        if ref is None:
+            continue
+        for row in by_name.values():
+            row[f"ratio_vs_{key}"] = row["words_per_s"] / ref["words_per_s"]
+            row[f"ratio_best_vs_{key}"] = row["words_per_s_best"] / ref["words_per_s_best"]
+            if row.get("docbin_bytes_per_doc") and ref.get("docbin_bytes_per_doc"):
+                row[f"payload_ratio_vs_{key}"] = row["docbin_bytes_per_doc"] / ref["docbin_bytes_per_doc"]
 
 
 def merge_rounds(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -112,6 +133,13 @@ def row_details(row: Dict[str, Any]) -> str:
         parts.append(f"word cache {cache['timed_hit_rate']:.1%} hits in the timed passes "
                      f"({cache['timed_hits']} hits / {cache['timed_misses']} misses, "
                      f"{cache['cumulative']['size']} words cached)")
+    if row.get("batches"):
+        parts.append(f"{row['batches']} batches (in one call), {row['padded_positions']} padded positions")
+    if row.get("docbin_bytes_per_doc"):
+        parts.append(f"DocBin {row['docbin_bytes_per_doc']:,.0f} bytes/doc over {row['payload_docs']} docs")
+    if row.get("settings", {}).get("precision"):
+        precision = row["settings"]["precision"]
+        parts.append(f"precision {precision.get('precision')} ({precision.get('reason')})")
     if row.get("peak_gpu_mib") is not None:
         parts.append(f"peak GPU {row['peak_gpu_mib']:.0f} MiB")
     return f"{row['system']}: " + ", ".join(parts)
@@ -122,7 +150,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     notes = []
     for row in rows:
         if row.get("status") != "ok":
-            cells.append([row["system"]] + ["-"] * (len(COLUMNS) - 3) + [row.get("device", "-"), "-"])
+            cells.append([row["system"]] + ["-"] * (len(COLUMNS) - 2) + [row.get("device", "-")])
             notes.append(f"{row['system']}: {row.get('status')}")
             continue
         cells.append([
@@ -178,6 +206,8 @@ def build_result(
             "repeats": args.repeats,
             "rounds": args.rounds,
             "threads": args.threads,
+            "payload_docs": getattr(args, "payload_docs", None),
+            "max_words": getattr(args, "max_words", None),
             "trf_window": args.trf_window,
             "trf_stride": args.trf_stride,
             "hf_max_length": args.hf_max_length,
@@ -193,3 +223,93 @@ def build_result(
 def write_result(result: Dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2), encoding="utf8")
+
+
+# -- chart -------------------------------------------------------------------------------
+def write_chart(result: Dict[str, Any], path: Path) -> Path:
+    """A PNG with one horizontal bar panel each for words/s (median pass; the ratios to
+    spacy-transformers and raw HF written beside the bars), peak RSS and DocBin
+    bytes/doc, over the rows that ran. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r.get("status") == "ok"]
+    skipped = [f"{r['system']}: {r.get('status')}" for r in result["rows"] if r.get("status") != "ok"]
+    names = [r["system"] for r in rows][::-1]  # first row on top
+    panels = [("words_per_s", "words/s (median pass)"), ("peak_rss_mib", "peak RSS (MiB)"),
+              ("docbin_bytes_per_doc", "DocBin bytes/doc")]
+    panels = [p for p in panels if any(r.get(p[0]) for r in rows)]
+    height = 1.2 + 0.42 * max(1, len(rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), height), squeeze=False)
+    colours = ["#1f77b4" if n.startswith("ctx_") else "#7f7f7f" for n in names]
+    for ax, (key, title) in zip(axes[0], panels):
+        values = [r.get(key) or 0 for r in rows][::-1]
+        bars = ax.barh(names, values, color=colours)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        top = max(values) if values else 1
+        ax.set_xlim(0, top * (1.55 if key == "words_per_s" else 1.25))
+        for bar, row in zip(bars, rows[::-1]):
+            if key == "words_per_s":
+                ratios = [f"{row[k]:.2f}x {label}" for k, label in
+                          (("ratio_vs_spacy_transformers", "st"), ("ratio_vs_hf_raw", "HF")) if k in row]
+                label = f"{row[key]:,.0f}" + (f"  ({', '.join(ratios)})" if ratios else "")
+            else:
+                label = f"{row.get(key):,.0f}" if row.get(key) else "-"
+            ax.text(bar.get_width() + top * 0.01, bar.get_y() + bar.get_height() / 2, label,
+                    va="center", fontsize=7)
+    corpus = result.get("corpus", {})
+    machine = result.get("machine", {})
+    title = (f"{corpus.get('docs')} docs, {corpus.get('words')} words; "
+             f"{Path(str(result.get('model') or '')).parent.name or 'model'}; "
+             f"{machine.get('cpu_model') or ''} ({machine.get('cpu_count')} CPUs), "
+             f"device {result.get('settings', {}).get('device')}, {result.get('timestamp', '')}")
+    fig.suptitle(title, fontsize=8)
+    if skipped:
+        fig.text(0.01, 0.005, "not run: " + "; ".join(skipped)[:400], fontsize=6, va="bottom")
+    fig.tight_layout(rect=(0, 0.04 if skipped else 0, 1, 0.95))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_chart_anywhere(json_path: Path, png_path: Path) -> str:
+    """Write the chart of ``json_path`` with this interpreter's matplotlib, else with the
+    repository's ``.venv`` (e.g. when run from a benchmark venv without matplotlib);
+    returns a line saying what happened."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        venv_python = REPO_ROOT / ".venv" / "bin" / "python"
+        if venv_python.is_file() and Path(sys.prefix).resolve() != (REPO_ROOT / ".venv").resolve():
+            proc = subprocess.run([str(venv_python), str(Path(__file__).resolve()), "--chart", str(json_path),
+                                   "--out", str(png_path)], capture_output=True, text=True, timeout=300)
+            if proc.returncode == 0:
+                return f"wrote {png_path} (matplotlib of {venv_python})"
+            return f"no chart: {venv_python} failed: {(proc.stderr or '').strip().splitlines()[-1:]}"
+        return "no chart: matplotlib is not installed (pip install matplotlib, or run: " \
+               f"python benchmarks/report.py --chart {json_path})"
+    result = json.loads(Path(json_path).read_text(encoding="utf8"))
+    return f"wrote {write_chart(result, png_path)}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python benchmarks/report.py --chart RESULT.json [--out CHART.png]``: the chart of a
+    saved result (default: beside the JSON), and its table on stdout."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--chart", type=Path, required=True, help="a throughput.py JSON result")
+    parser.add_argument("--out", type=Path, default=None, help="PNG path (default: the JSON's, .png)")
+    args = parser.parse_args(argv)
+    result = json.loads(args.chart.read_text(encoding="utf8"))
+    print(format_table(result["rows"]))
+    print(f"wrote {write_chart(result, args.out or args.chart.with_suffix('.png'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

