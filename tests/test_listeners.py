@@ -1,5 +1,6 @@
 """Listeners, training through spaCy, gradient flow, feature cache, replace_listeners."""
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,33 @@ def test_trainable_encoder_weights_change(family):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     first, last = FIRST_AND_LAST_PARAMS[family.name]
     assert first in changed and last in changed
+
+
+def test_predictions_after_fine_tuning_use_the_updated_weights(family):
+    """After optimizer steps the encoder computes with the new weights: its output equals
+    a fresh copy's. (ELMo caches derived inference weights; Thinc's optimizer writes the
+    parameters through numpy views, invisible to the caches' version checks, so the
+    component must drop them after each step.)"""
+    nlp = _pipeline(family, ner=None)
+    docs = [nlp.make_doc(text) for text, _, _ in TRAIN]
+    spacy.util.fix_random_seed(0)
+    examples = _examples(nlp)
+    optimizer = nlp.initialize(lambda: examples)
+    backend = _encoder(nlp).backend
+
+    def encode(b):
+        b.eval()  # nlp.update leaves the module in training mode (dropout)
+        with torch.inference_mode():
+            return [out.layers.clone() for out in b.encode_docs(docs, max_batch_tokens=4096)]
+
+    before = encode(backend)  # fills the caches
+    for _ in range(2):
+        nlp.update(examples, sgd=optimizer)
+    after = encode(backend)
+    fresh = encode(copy.deepcopy(backend))
+    for old, new, ref in zip(before, after, fresh):
+        assert not torch.allclose(old, new)  # the training steps changed the outputs
+        torch.testing.assert_close(new, ref, rtol=0, atol=1e-6)
 
 
 def _train_more(nlp, n_steps):

@@ -269,6 +269,9 @@ class ElmoBackend(Backend):
     # -- files ----------------------------------------------------------------------
     def weights_changed(self) -> None:
         self.word_cache.clear()  # cached word embeddings came from the old weights
+        # Optimizer steps write through numpy views, which the encoder's caches of
+        # derived weights cannot detect.
+        self.bilm.drop_derived_weights()
 
     def save_files(self, path: Path) -> None:
         save_elmo_safetensors(self.bilm, path / WEIGHTS_FILE)

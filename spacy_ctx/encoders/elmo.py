@@ -783,6 +783,18 @@ class ElmoBiLM(nn.Module):
         """The device of the parameters (where inputs are moved)."""
         return self.char_encoder.char_embedding.weight.device
 
+    def drop_derived_weights(self) -> None:
+        """Forget the cached inference weights (prepacked matrices, scaled gates).
+
+        The caches notice parameters that are replaced or changed through autograd-aware
+        in-place ops (``_version``), but not writes through ``param.data`` or a numpy
+        view of it, which is how Thinc's optimizer updates a fine-tuned encoder; such
+        callers must call this after each update.
+        """
+        for module in self.modules():
+            module.__dict__.pop("_window_cache", None)
+            module.__dict__.pop("_inference_cache", None)
+
     @property
     def layer_names(self) -> List[str]:
         """``["token", "lstm_1", ...]``, one name per output layer."""
