@@ -232,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="train the encoder weights (default for bert)")
     cfg.add_argument("--listener", choices=["last", "scalar_mix"], default=None,
                      help="default: last for fine-tuned bert, scalar_mix otherwise")
-    cfg.add_argument("--gpu", action="store_true", help="bf16 autocast and the pytorch allocator")
+    cfg.add_argument("--gpu", action="store_true", help="the pytorch allocator for cupy (the encoder runs with mixed_precision = \"auto\" either way)")
     cfg.add_argument("--encoder-path", help="transformer checkpoint dir or hub id (any supported family) for [paths] encoder")
     cfg.add_argument("--elmo-options", help="ELMo options.json for [paths]")
     cfg.add_argument("--elmo-weights", help="ELMo weights.hdf5 for [paths]")

@@ -216,7 +216,7 @@ def config_data(
         raise ConfigError(f"listener must be one of {LISTENERS}, got {listener!r}")
     name = f"ctx_{encoder}"
     tasks: List[str] = pipeline.split("+")
-    components: Section = {name: _ENCODERS[encoder](frozen, "bf16" if gpu else None)}
+    components: Section = {name: _ENCODERS[encoder](frozen, "auto")}
     for task in tasks:
         components[task] = _TASKS[task](_listener(listener, upstream=name))
     return {
@@ -247,7 +247,8 @@ def make_config(
     encoder: ``"bert"`` (fine-tuned by default) or ``"elmo"`` (frozen, scalar mix).
     frozen: override the encoder default; a frozen BERT uses a scalar-mix listener.
     listener: ``"last"`` or ``"scalar_mix"``; default follows ``frozen``.
-    gpu: bf16 autocast on the encoder and the pytorch allocator for cupy.
+    gpu: the pytorch allocator for cupy. The encoder gets ``mixed_precision = "auto"``
+        either way (bf16 where the device computes it natively, float32 elsewhere).
     encoder_path / elmo_options / elmo_weights: fill ``[paths]``.
     """
     data = config_data(pipeline, encoder, frozen=frozen, listener=listener, gpu=gpu)

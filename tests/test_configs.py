@@ -91,10 +91,10 @@ def test_make_config_choices():
         "spacy_ctx.LastLayerListener.v1")
     gpu = make_config("ner", "bert", gpu=True)
     assert gpu["system"]["gpu_allocator"] == "pytorch"
-    assert gpu["components"]["ctx_bert"]["model"]["mixed_precision"] == "bf16"
+    assert gpu["components"]["ctx_bert"]["model"]["mixed_precision"] == "auto"
     cpu = make_config("ner", "bert")
     assert cpu["system"]["gpu_allocator"] is None
-    assert cpu["components"]["ctx_bert"]["model"]["mixed_precision"] is None
+    assert cpu["components"]["ctx_bert"]["model"]["mixed_precision"] == "auto"
     schedule = cpu["components"]["ctx_bert"]["optimizer"]["learn_rate"]
     assert schedule["@schedules"] == "warmup_linear.v1"
     assert schedule["total_steps"] == cpu["training"]["max_steps"]
