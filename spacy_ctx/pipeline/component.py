@@ -232,9 +232,9 @@ class CtxComponent(TrainablePipe):
         if missing:
             fresh, _ = self._encode([docs[i] for i in missing], keep, GradMode.FROZEN)
             for i, output in zip(missing, fresh):
-                outputs[i] = output
-                if use_cache:
-                    self.feature_cache.put(keys[i], output)
+                # put() returns the output rounded like a cached one, so results
+                # do not depend on cache hits.
+                outputs[i] = self.feature_cache.put(keys[i], output) if use_cache else output
         return outputs  # type: ignore[return-value]
 
     def encode_for_listener(self, docs: List[Doc], layers_needed: str) -> List[CtxOutput]:

@@ -30,7 +30,7 @@ DEFAULT_BERT_MODEL = {
         "store_layers": None,
         "vector_hooks": True,
         "max_batch_tokens": 4096,
-        "feature_cache_mb": 1024,
+        "feature_cache_mb": 4096,
         "optimizer": None,
     },
 )
@@ -92,7 +92,7 @@ DEFAULT_ELMO_MODEL = {
         "store_layers": None,
         "vector_hooks": True,
         "max_batch_tokens": 4096,
-        "feature_cache_mb": 1024,
+        "feature_cache_mb": 4096,
         "optimizer": None,
     },
 )
