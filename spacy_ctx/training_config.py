@@ -92,7 +92,7 @@ def _bert_encoder(frozen: bool, mixed_precision: Optional[str]) -> Section:
         "store": "none",
         "vector_hooks": False,
         "max_batch_tokens": 4096,
-        "feature_cache_mb": 4096,
+        "feature_cache_mb": 6144,
         "model": {
             "@architectures": "spacy_ctx.BertEncoder.v1",
             "name": ENCODER_PATH,
@@ -121,7 +121,7 @@ def _elmo_encoder(frozen: bool, mixed_precision: Optional[str]) -> Section:
         "store": "none",
         "vector_hooks": False,
         "max_batch_tokens": 4096,
-        "feature_cache_mb": 4096,
+        "feature_cache_mb": 6144,
         "model": {
             "@architectures": "spacy_ctx.ElmoEncoder.v1",
             "name": None,

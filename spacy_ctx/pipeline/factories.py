@@ -30,7 +30,7 @@ DEFAULT_BERT_MODEL = {
         "store_layers": None,
         "vector_hooks": True,
         "max_batch_tokens": 4096,
-        "feature_cache_mb": 4096,
+        "feature_cache_mb": 6144,
         "optimizer": None,
     },
 )
@@ -62,7 +62,8 @@ def make_ctx_bert(
     vector_hooks: make ``.vector``/``.similarity()`` use the contextual vectors.
     max_batch_tokens: padded pieces per encoder batch at inference.
     feature_cache_mb: memory for per-Doc outputs reused across epochs when the
-        encoder runs without gradients (frozen); 0 turns the cache off.
+        encoder runs without gradients (frozen), stored as float16 and capped at
+        half the available RAM; 0 turns the cache off.
     optimizer: an optimizer for the encoder weights only (e.g. a lower learning
         rate than the task heads); None uses the training optimizer.
     """
@@ -92,7 +93,7 @@ DEFAULT_ELMO_MODEL = {
         "store_layers": None,
         "vector_hooks": True,
         "max_batch_tokens": 4096,
-        "feature_cache_mb": 4096,
+        "feature_cache_mb": 6144,
         "optimizer": None,
     },
 )
