@@ -33,7 +33,11 @@ def test_max_batch_tokens_and_layers_are_passed_per_call(tiny_bert_dir, monkeypa
     assert calls == [(77, [2], False)]  # store="last": only the last of 3 layers
     component = nlp.get_pipe("ctx_bert")
     # Nothing is left behind on the Thinc model for the next call to trip over.
-    assert set(component.model.attrs) == {"loader", "device", "replace_listener", "replace_listener_cfg"}
+    assert set(component.model.attrs) == {
+        "loader", "device", "runtime_settings", "replace_listener", "replace_listener_cfg"
+    }
+    # The runtime settings are the config's, unchanged by the call.
+    assert component.model.attrs["runtime_settings"] == {"mixed_precision": None, "quantize": None}
 
 
 def test_standalone_copy_keeps_frozen_and_batch_budget(tiny_bert_dir, monkeypatch):
