@@ -16,7 +16,6 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from .precision import (
-    AUTOCAST_DTYPES,
     PrecisionChoice,
     check_mixed_precision,
     logger,
@@ -25,8 +24,6 @@ from .precision import (
 
 BACKEND_FILE = "backend.json"
 POOLING_METHODS = ("mean", "first", "last", "max")
-# The explicit autocast dtypes; "auto" resolves per device (see .precision).
-MIXED_PRECISION = AUTOCAST_DTYPES
 # Device types on which mixed_precision = "auto" may choose bf16 (where native), per
 # family; others: CUDA and CPU. ELMo's per-step LSTM loop of small matmuls ran slower
 # under bf16 autocast on an AVX-512 BF16 CPU (847 vs 1,345 words/s, "small" ELMo), so its

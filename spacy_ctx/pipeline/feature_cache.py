@@ -126,10 +126,11 @@ class FeatureCache:
 
     def put(self, key: bytes, output: CtxOutput) -> CtxOutput:
         """Store ``output`` and return it rounded through the cache dtype (use that one)."""
-        rounded = round_output(output)
         if not self.enabled or key in self._entries:
-            return rounded
-        layers = output.layers.detach().to(device="cpu", dtype=CACHE_DTYPE, copy=True)
+            return round_output(output)
+        half = output.layers.detach().to(CACHE_DTYPE)  # rounded once, on the device
+        rounded = CtxOutput(half.to(output.layers.dtype), output.piece_counts, output.piece_index)
+        layers = half.to(device="cpu", copy=True)
         size = (
             layers.numel() * layers.element_size()
             + _array_bytes(output.piece_counts)
