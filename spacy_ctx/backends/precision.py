@@ -40,9 +40,9 @@ from ..errors import ConfigError
 
 logger = logging.getLogger("spacy_ctx")
 
-#: ``mixed_precision`` settings and the autocast dtype each asks for ("auto" resolves per device).
-AUTOCAST_DTYPES: Dict[Optional[str], Optional[torch.dtype]] = {
-    None: None,
+# The autocast dtype of each resolved precision (None: float32, no autocast).
+_AUTOCAST_DTYPES: Dict[str, Optional[torch.dtype]] = {
+    "fp32": None,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
@@ -67,7 +67,7 @@ class PrecisionChoice:
     @property
     def dtype(self) -> Optional[torch.dtype]:
         """The autocast dtype, or None for float32 (no autocast)."""
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        return _AUTOCAST_DTYPES[self.precision]
 
 
 def check_mixed_precision(value: Optional[str]) -> Optional[str]:
